@@ -1,0 +1,283 @@
+"""The search config: pydantic models for the YAML file, and its loading.
+
+All validation lives here or is called from here (``load_config``), so that a bad
+config fails with one line naming the field and the fix *before* any Ray work starts.
+Structural checks (types, ranges, names) are pydantic validators; checks that need the
+file system or other registries (model folders, lm-eval tasks, layer counts) are run
+by ``load_config`` through the owning modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+
+#: Parameters a search space may search, with the meaning mergekit gives them.
+SEARCHABLE_PARAMS = ("weight", "density", "epsilon", "gamma", "t", "lambda")
+
+
+class _Strict(BaseModel):
+    """Base for config sections: unknown keys are errors (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelsConfig(_Strict):
+    """Which models to merge. Paths are local HF folders or hub ids."""
+
+    base: str | None = Field(None, description="Base model the sources were fine-tuned from.")
+    sources: list[str] = Field(..., min_length=1, description="Fine-tuned models to merge.")
+    tokenizer_source: str | None = Field(
+        None, description="Model whose tokenizer the merge uses; required if vocabularies differ."
+    )
+    allow_pickle: bool = Field(False, description="Allow .bin/.pt checkpoints (unsafe: pickle).")
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a model is listed twice; list each source once")
+        return v
+
+
+class MergeConfig(_Strict):
+    """Which merge methods the search may choose, and how tensors are computed."""
+
+    methods: list[str] = Field(default_factory=lambda: ["ties", "dare_ties", "task_arithmetic"], min_length=1)
+    method_gene: Literal["global", "per_group"] = Field(
+        "global", description="One method for the whole model, or one per layer group."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    params: dict[str, float | bool] = Field(
+        default_factory=dict, description="Fixed method-level parameters (normalize, rescale, lambda, ...)."
+    )
+    seed: int = Field(0, description="Seed of DARE/DELLA masks, combined with each tensor's name.")
+
+
+class SpaceConfig(_Strict):
+    """How a vector of numbers becomes a merge recipe."""
+
+    name: str = "layerwise"
+    layer_group_size: int = Field(1, ge=1)
+    split: list[Literal["attn", "mlp", "norm"]] = Field(default_factory=list)
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)}
+    )
+    init: str | None = Field(None, description="'uniform' (default), or a recipe JSON / mergekit YAML to start from.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Space-specific options.")
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for key, (lo, hi) in v.items():
+            if key not in SEARCHABLE_PARAMS:
+                raise ValueError(f"unknown parameter {key!r}; use one of {', '.join(SEARCHABLE_PARAMS)}")
+            if lo > hi:
+                raise ValueError(f"{key}: lower bound {lo} > upper bound {hi}; swap them")
+            if key in ("density", "t") and not (0.0 <= lo and hi <= 1.0):
+                raise ValueError(f"{key}: bounds must lie in [0, 1]")
+        return v
+
+
+class ObjectiveComponent(_Strict):
+    """One term of a weighted-sum objective."""
+
+    task: str
+    metric: str
+    weight: float = 1.0
+
+
+class ObjectiveConfig(_Strict):
+    """One objective of the search: a single metric, or a weighted sum of several."""
+
+    name: str
+    evaluator: str = "lm_eval"
+    task: str | None = None
+    heldout_task: str | None = Field(None, description="Task scored on held-out items; default: <task>_heldout if it exists.")
+    metric: str | None = None
+    components: list[ObjectiveComponent] | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int | str = 16
+    apply_chat_template: bool = False
+    gen_kwargs: dict[str, Any] | None = None
+    files: list[str] | None = Field(None, description="perplexity: local text files.")
+    max_tokens: int | None = Field(None, description="perplexity: token budget.")
+    seed: int = Field(0, description="Seed of the subsample of items (same items for every candidate).")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"limit must be > 0 (got {v}); leave it out to use every item")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ObjectiveConfig":
+        if self.evaluator == "lm_eval" and not self.task and not self.components:
+            raise ValueError(f"objective {self.name!r} needs a task (or components)")
+        if self.evaluator == "perplexity" and not self.files:
+            raise ValueError(f"objective {self.name!r}: perplexity needs files: [path, ...]")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    """Any nevergrad optimizer by registry name; None picks a default by objective count."""
+
+    name: str | None = None
+    seed: int = 0
+    popsize: int | None = Field(None, ge=1, description="Default: number of actors.")
+
+
+class BudgetConfig(_Strict):
+    evaluations: int | None = Field(None, gt=0)
+    wall_clock_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> "BudgetConfig":
+        if self.evaluations is None and self.wall_clock_s is None:
+            raise ValueError("set evaluations and/or wall_clock_s (both > 0)")
+        return self
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    actors: int | None = Field(None, ge=1, description="CPU actors when no GPU; default one per GPU, else 1.")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
+    object_store_memory: int | None = Field(None, description="Bytes, for the embedded local Ray.")
+    max_restarts: int = Field(3, ge=0)
+    eval_timeout_s: float | None = Field(None, gt=0)
+    task_vectors_on: Literal["device", "host"] = "device"
+
+
+class OutputConfig(_Strict):
+    run_dir: str | None = None
+    checkpoint_every: int = Field(10, ge=1)
+    save_front_weights: bool = False
+
+
+class EvaluationConfig(_Strict):
+    include_paths: list[str] = Field(default_factory=list, description="Extra lm-eval task folders.")
+    rescore_heldout: bool = True
+    cache: bool = True
+
+
+class SearchConfig(_Strict):
+    """The whole search. ``name`` names the run; the rest mirrors DESIGN.md."""
+
+    name: str = "search"
+    models: ModelsConfig
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    objectives: list[ObjectiveConfig] = Field(..., min_length=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _names(self) -> "SearchConfig":
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError("objective names must be unique")
+        return self
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.output.run_dir or f"runs/{self.name}")
+
+
+def _one_line(err: ValidationError) -> str:
+    """Turn pydantic's multi-line report into one line: field path, problem, fix."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling against DESIGN.md"
+    elif first["type"] == "missing":
+        msg = "required field is missing; add it"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config field {where}: {msg}{more}"
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.path=value`` (value parsed as YAML) to the raw config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, raw = assignment.split("=", 1)
+    node: Any = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> SearchConfig:
+    """Validate a raw config dict (after ``--set`` overrides) into a SearchConfig."""
+    data = copy.deepcopy(data)
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML config")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, check_resources: bool = True
+) -> SearchConfig:
+    """Read, validate and (by default) check a config against the disk and registries.
+
+    The resource checks are owned by the modules that know the resource: sources
+    (model folders, shapes), merge methods (known, usable with this many sources),
+    search spaces (known, group sizes) and evaluators (tasks, metrics, files).
+    """
+    cfg = parse_config(read_yaml(path), overrides)
+    if check_resources:
+        check_config(cfg, base_dir=Path(path).parent)
+    return cfg
+
+
+def check_config(cfg: SearchConfig, base_dir: Path | None = None) -> None:
+    """Run every resource check; raise the first failure as a one-line EvomergeError."""
+    from evomerge.merge.methods import check_methods_usable
+    from evomerge.sources import check_model_set
+    from evaluators import check_objectives
+    from search_spaces import check_space
+
+    model_set = check_model_set(cfg.models)
+    check_methods_usable(cfg.merge.methods, n_sources=len(cfg.models.sources), has_base=cfg.models.base is not None,
+                         where="merge.methods")
+    check_space(cfg, model_set)
+    check_objectives(cfg)

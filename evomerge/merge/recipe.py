@@ -1,0 +1,125 @@
+"""MergeRecipe: what to do to every tensor group, small and JSON-serialisable.
+
+A recipe is the unit that crosses the network between the search driver and the Ray
+actors, is logged to ``evaluations.jsonl`` and is exported next to a merged model. It
+names the models (base + sources, as the user gave them), and for each tensor group
+(see ``groups.py``) the merge method, the method-level parameters (mergekit's
+``parameters:``: normalize, lambda, rescale, t, ...) and the per-source parameters
+(mergekit's per-model ``parameters:``: weight, density, epsilon, gamma).
+
+Lookup of a tensor's settings is most-specific first:
+``layers.3.attn`` -> ``layers.3`` -> ``default`` (and ``embed`` / ``final_norm`` /
+``lm_head`` -> ``default``), so a recipe can be as coarse or as fine as it likes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evomerge.errors import RecipeError
+from evomerge.merge.groups import TensorGroup
+
+DEFAULT_GROUP = "default"
+
+
+class GroupRecipe(BaseModel):
+    """Method and parameters for one tensor group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    params: dict[str, float | bool] = Field(default_factory=dict)
+    source_params: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="source name (as in MergeRecipe.sources) -> {weight, density, ...}"
+    )
+
+
+class MergeRecipe(BaseModel):
+    """A complete merge: models, groups, seed and dtypes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = None
+    sources: list[str]
+    groups: dict[str, GroupRecipe]
+    seed: int = 0
+    dtype: str = "float32"
+    compute_dtype: str = "float32"
+    tokenizer_source: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeRecipe":
+        if not self.sources:
+            raise ValueError("a recipe needs at least one source")
+        known = set(self.sources)
+        for key, group in self.groups.items():
+            for src in group.source_params:
+                if src not in known:
+                    raise ValueError(
+                        f"group {key!r} names model {src!r}, which is not a source of the recipe "
+                        f"(sources: {', '.join(self.sources)})"
+                    )
+        return self
+
+    # -- lookup -----------------------------------------------------------------
+    def group_for(self, group: TensorGroup) -> tuple[str, GroupRecipe]:
+        """The (key, settings) that apply to a tensor of ``group``, most specific first."""
+        keys: list[str] = []
+        if group.kind == "layer":
+            if group.part is not None:
+                keys.append(f"layers.{group.layer}.{group.part}")
+            keys.append(f"layers.{group.layer}")
+        else:
+            keys.append(group.kind)
+        keys.append(DEFAULT_GROUP)
+        for k in keys:
+            if k in self.groups:
+                return k, self.groups[k]
+        raise RecipeError(f"recipe has no entry for group {keys[0]!r} and no 'default' group; add one")
+
+    def methods_used(self) -> set[str]:
+        return {g.method for g in self.groups.values()}
+
+    # -- serialisation ----------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MergeRecipe":
+        try:
+            return cls.model_validate(data)
+        except Exception as err:  # pydantic.ValidationError -> one line
+            errors = getattr(err, "errors", None)
+            if callable(errors):
+                first = errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise RecipeError(f"recipe field {where or '<top>'}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise RecipeError(f"invalid recipe: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "MergeRecipe":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"recipe is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MergeRecipe":
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return cls.from_json(p.read_text())
+
+    def content_hash(self) -> str:
+        """Stable hash of the recipe's meaning (sorted JSON), for caches and ids."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
