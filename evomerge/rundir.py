@@ -1,0 +1,365 @@
+"""The run directory: the search's checkpoint on disk (layout in docs/internals.md).
+
+Two kinds of files, two write disciplines:
+
+- ``evaluations.jsonl`` is append-only and the source of truth. Each record is one
+  JSON line written with a single ``write`` then flushed and fsynced, so a crash can at
+  worst leave a *torn last line*; readers skip it and the next append truncates it
+  first, so nothing finished is lost and no garbage is ever followed by good records.
+- everything else (config.yaml, front.json, state/, front/<id>/) is rewritten whole
+  through ``atomic_write`` (temp file in the same folder, fsync, rename, fsync the
+  folder): a reader sees the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from evomerge.errors import RunDirError
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+EVALUATIONS = "evaluations.jsonl"
+FRONT_JSON = "front.json"
+STATE_DIR = "state"
+FRONT_DIR = "front"
+DRIVER_LOG = "driver.log"
+REPORT_PNG = "report.png"
+OPTIMIZER_STATE = "optimizer.pkl"
+COUNTERS = "counters.json"
+#: every entry the run writes; --overwrite removes exactly these, nothing else.
+RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot open/fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Replace ``path`` with ``data`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain data (what config.yaml holds)."""
+    return cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(cfg)
+
+
+def _search_identity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config that defines *which* search it is: everything but output.run_dir."""
+    data = json.loads(json.dumps(data))  # deep copy, tuples -> lists
+    data.get("output", {}).pop("run_dir", None)
+    return data
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    """Dotted path of the first field where two config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            path = f"{where}.{k}" if where else str(k)
+            if k not in a or k not in b:
+                return path
+            if a[k] != b[k]:
+                return _first_difference(a[k], b[k], path)
+    return where or "<top level>"
+
+
+class RunDir:
+    """One run directory; every path the run uses is a property here."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- layout -----------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def evaluations_path(self) -> Path:
+        return self.path / EVALUATIONS
+
+    @property
+    def front_json_path(self) -> Path:
+        return self.path / FRONT_JSON
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / STATE_DIR
+
+    @property
+    def front_dir(self) -> Path:
+        return self.path / FRONT_DIR
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / DRIVER_LOG
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_PNG
+
+    def member_dir(self, id: str) -> Path:
+        return self.front_dir / id
+
+    def weights_dir(self, id: str) -> Path:
+        """Where a front member's merged weights go when ``output.save_front_weights`` is on."""
+        return self.member_dir(id) / "weights"
+
+    def exists(self) -> bool:
+        """True if this is a run directory (it holds config.yaml)."""
+        return self.config_path.is_file()
+
+    # -- creation / config ---------------------------------------------------------
+    def create(self, cfg: Any, overwrite: bool = False) -> bool:
+        """Prepare the directory for ``cfg``; True if a new run starts, False if the same search is already here.
+
+        The frozen, resolved config is written as config.yaml. A directory that holds
+        a *different* search (config differs other than in output.run_dir) or other
+        files is refused unless ``overwrite``, which removes only the run's own
+        entries (``RUN_ENTRIES``), never unrelated files.
+        """
+        new = config_dict(cfg)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run dir {self.path} is a file; pass another --run-dir")
+        if self.exists() and not overwrite:
+            old = self.read_config_dict()
+            try:  # re-validate so that defaults added by a newer evomerge compare equal
+                from evomerge.config import parse_config
+
+                old = config_dict(parse_config(old))
+            except Exception:  # noqa: BLE001 - an old config that no longer validates is simply "different"
+                pass
+            if _search_identity(old) == _search_identity(new):
+                return False
+            where = _first_difference(_search_identity(old), _search_identity(new))
+            raise RunDirError(
+                f"run dir {self.path} already holds a different search (config differs at {where}); "
+                f"resume it with 'evomerge resume {self.path}', pick another --run-dir, or pass --overwrite to replace it"
+            )
+        if self.path.is_dir():
+            foreign = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_ENTRIES)
+            ours = [p for p in self.path.iterdir() if p.name in RUN_ENTRIES]
+            if foreign and not overwrite:
+                raise RunDirError(
+                    f"run dir {self.path} is not empty and is not a run directory (holds {foreign[0]!r}); "
+                    f"pick another --run-dir, or pass --overwrite to write the run into it anyway"
+                )
+            if ours and not overwrite:
+                raise RunDirError(
+                    f"run dir {self.path} holds run files but no config.yaml; pass --overwrite to replace them"
+                )
+            for p in ours:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.config_path, yaml.safe_dump(new, sort_keys=False))
+        return True
+
+    def read_config_dict(self) -> dict[str, Any]:
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no {CONFIG}); start a run with 'evomerge search'")
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError as err:
+            raise RunDirError(f"{self.config_path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{self.config_path} does not hold a config mapping")
+        return data
+
+    def load_config(self) -> Any:
+        """The frozen SearchConfig of this run (validated again)."""
+        from evomerge.config import parse_config
+
+        return parse_config(self.read_config_dict())
+
+    # -- writes -----------------------------------------------------------------------
+    def atomic_write(self, path: str | Path, data: bytes | str) -> Path:
+        """``atomic_write`` with ``path`` relative to the run directory (absolute paths kept)."""
+        return atomic_write(self.path / path, data)
+
+    def append_evaluation(self, record: Mapping[str, Any]) -> None:
+        """Append one record to evaluations.jsonl as one line (one write, flush, fsync)."""
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        if "\n" in line[:-1]:
+            raise ValueError("a record must serialise to one line")
+        self.truncate_torn_tail()
+        with open(self.evaluations_path, "ab") as f:
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- reads ------------------------------------------------------------------------
+    def _scan(self) -> tuple[list[dict[str, Any]], int | None]:
+        """(records, byte offset where a torn tail starts or None)."""
+        if not self.evaluations_path.exists():
+            return [], None
+        data = self.evaluations_path.read_bytes()
+        records: list[dict[str, Any]] = []
+        offset = 0
+        lines = data.split(b"\n")
+        for i, raw in enumerate(lines):
+            last = i == len(lines) - 1  # the piece after the final newline ('' when the file ends cleanly)
+            if raw.strip():
+                try:
+                    rec = json.loads(raw)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    if last or all(not x.strip() for x in lines[i + 1:]):
+                        return records, offset
+                    raise RunDirError(
+                        f"{self.evaluations_path} line {i + 1} is corrupt (not a JSON object) and is not the last "
+                        f"line; fix or delete that line, then resume"
+                    ) from None
+                if last:  # complete record whose newline was lost: keep it, repair adds the newline
+                    records.append(rec)
+                    return records, None
+                records.append(rec)
+            offset += len(raw) + 1
+        return records, None
+
+    def read_records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """All records of evaluations.jsonl (of ``kind`` if given), ignoring a torn last line."""
+        records, torn = self._scan()
+        if torn is not None:
+            log.warning("ignoring a torn last line in %s (a crash mid-write)", self.evaluations_path)
+        return [r for r in records if kind is None or r.get("kind") == kind]
+
+    def truncate_torn_tail(self) -> int:
+        """Cut a torn last line off evaluations.jsonl (and end the file with a newline); bytes removed."""
+        p = self.evaluations_path
+        if not p.exists() or p.stat().st_size == 0:
+            return 0
+        with open(p, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return 0
+        _, torn = self._scan()
+        size = p.stat().st_size
+        with open(p, "r+b") as f:
+            if torn is None:  # complete JSON without its newline
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                removed = 0
+            else:
+                f.truncate(torn)
+                removed = size - torn
+                log.warning("truncated a torn last line (%d bytes) from %s", removed, p)
+            f.flush()
+            os.fsync(f.fileno())
+        return removed
+
+    # -- front ------------------------------------------------------------------------
+    def write_front(self, archive: Any, records: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
+                    *, evaluations: int | None = None) -> None:
+        """Rewrite front.json and front/<id>/ for the archive's members; remove dirs of ex-members.
+
+        ``records``: evaluation-log records (an iterable, e.g. ``read_records()``, or a
+        mapping id -> evaluation record). Each member's recipe comes from its
+        ``evaluation`` record; ``heldout`` records add the heldout scores.
+        ``evaluations`` defaults to the number of evaluation records given.
+        """
+        recs = list(records.values()) if isinstance(records, Mapping) else list(records)
+        by_id = {r["id"]: r for r in recs if r.get("kind", "evaluation") == "evaluation" and "id" in r}
+        heldout = {r["id"]: r.get("scores") for r in recs if r.get("kind") == "heldout" and "id" in r}
+        members = archive.front()
+        for mid in members:
+            d = self.member_dir(mid)
+            rec = by_id.get(mid)
+            if rec is not None and rec.get("recipe") is not None:
+                atomic_write(d / "recipe.json", _json(rec["recipe"]))
+            atomic_write(d / "scores.json", _json({"selection": archive.scores(mid), "heldout": heldout.get(mid)}))
+        front = {
+            "objectives": [{"name": k, "direction": v} for k, v in archive.directions.items()],
+            "members": members,
+            "hypervolume": archive.hypervolume(),
+            "evaluations": len(by_id) if evaluations is None else evaluations,
+            "updated_at": time.time(),
+        }
+        atomic_write(self.front_json_path, _json(front))
+        if self.front_dir.is_dir():
+            keep = set(members)
+            for d in self.front_dir.iterdir():
+                if d.name not in keep and not d.name.startswith("."):
+                    shutil.rmtree(d) if d.is_dir() else d.unlink()
+            _fsync_dir(self.front_dir)
+
+    def read_front(self) -> dict[str, Any] | None:
+        if not self.front_json_path.is_file():
+            return None
+        return json.loads(self.front_json_path.read_text())
+
+    # -- optimizer state ----------------------------------------------------------
+    def save_state(self, optimizer: bytes, counters: Mapping[str, Any] | None = None) -> None:
+        """Write the optimizer dump and counters under state/, each atomically.
+
+        The counters file records the dump's sha256 and is written second, so a crash
+        between the two writes is detected by ``load_state`` (hash mismatch).
+        """
+        digest = hashlib.sha256(optimizer).hexdigest()
+        atomic_write(self.state_dir / OPTIMIZER_STATE, optimizer)
+        atomic_write(self.state_dir / COUNTERS, _json({**dict(counters or {}), "optimizer_sha256": digest}))
+
+    def load_state(self) -> tuple[bytes | None, dict[str, Any]]:
+        """(optimizer dump or None, counters). None when missing or not the dump the counters describe."""
+        cpath, opath = self.state_dir / COUNTERS, self.state_dir / OPTIMIZER_STATE
+        counters: dict[str, Any] = {}
+        if cpath.is_file():
+            try:
+                counters = json.loads(cpath.read_text())
+            except ValueError:
+                log.warning("%s is unreadable; rebuilding from %s", cpath, EVALUATIONS)
+                counters = {}
+        digest = counters.pop("optimizer_sha256", None)
+        if not opath.is_file():
+            return None, counters
+        data = opath.read_bytes()
+        if digest != hashlib.sha256(data).hexdigest():
+            log.warning("%s does not match %s; the optimizer will be rebuilt from %s", opath, cpath, EVALUATIONS)
+            return None, counters
+        return data, counters
+
+    # -- logging ----------------------------------------------------------------------
+    def log_handler(self, level: int = logging.INFO) -> logging.FileHandler:
+        """A FileHandler appending to driver.log (the caller attaches and removes it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.log_path, mode="a", encoding="utf-8")
+        handler.setLevel(level)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        return handler
