@@ -1,0 +1,707 @@
+"""Merge methods: pure tensor functions with mergekit 0.1.5's meaning and parameter names.
+
+Every method merges ONE tensor. Inputs are the base tensor and the task vectors
+``deltas = source_i - base`` stacked as ``(N, *shape)`` (the actors precompute task
+vectors once and reuse them for every candidate, so methods never modify their inputs).
+Methods that mix whole models (linear, slerp, model_stock) rebuild ``source_i = base +
+delta_i``. Without a base model the caller passes zeros and the sources as deltas.
+
+Each method is one function registered with :func:`merge_method`; its signature IS its
+parameter table: positional ``base, deltas``, then keyword-only parameters, where those
+annotated :data:`PerSource` take one value per source (mergekit's per-model
+``parameters:``: weight, density, gamma, epsilon) and the others are method-level
+(mergekit's top-level ``parameters:``: normalize, rescale, lambda, t, filter_wise).
+Defaults are mergekit's per-method defaults; the two mergekit leaves required
+(``weight``, slerp's ``t``) default to 1.0 and 0.5 here.
+
+Numerics follow mergekit 0.1.5 (``mergekit/merge_methods/*.py``, ``mergekit/sparsify.py``):
+
+* TIES / breadcrumbs / DARE / DELLA sparsify each delta independently, multiply by
+  ``weight``, elect a sign per element from the sign of the weighted sum (ties at 0
+  elect +), keep only agreeing entries ("disjoint merge"), divide by the sum of the
+  agreeing weights when ``normalize`` (a zero sum divides by 1), scale by ``lambda``.
+  Without sign election the divisor is the plain weight sum (|sum| < 1e-8 divides by 1).
+* ``rescale`` restores each sparsified delta's L1 norm (mergekit 0.1.5 rescales by the
+  norm ratio, not by 1/density), skipped when either norm is below 1e-7.
+* Random masks come from :mod:`evomerge.merge.rng` (same bits on CPU and GPU), not from
+  ``torch.bernoulli``: DARE/DELLA agree with mergekit in distribution, not in bits.
+* Exact-count selections (TIES top-k, breadcrumbs' band) break magnitude ties by
+  element index, so they are deterministic on every device.
+
+dtype: math runs in the dtype of ``base``/``deltas`` (the recipe's compute dtype) and
+the result is returned in it; callers cast to the output dtype. As in mergekit, linear
+and slerp (and here model_stock) accumulate in at least float32, and magnitude rankings
+of 16-bit tensors are taken in float32 (exactly).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import typing
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Annotated, Any, Callable, Mapping, Sequence
+
+import torch
+
+from evomerge.errors import MethodError
+from evomerge.merge import rng
+
+Tensor = torch.Tensor
+
+#: Marker for per-source parameters in a method's signature.
+PER_SOURCE = "per_source"
+PerSource = Annotated[Sequence[float], PER_SOURCE]
+
+#: Keyword a random method receives: one 63-bit stream seed per source.
+_SEEDS_ARG = "seeds"
+#: mergekit's slerp: |cos| above this interpolates linearly (a fixed constant there too).
+SLERP_DOT_THRESHOLD = 0.9995
+#: mergekit's rescale tolerance (sparsify.rescaled_masked_tensor).
+_RESCALE_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One registered method and its parameter table (see module docstring)."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    paper: str | None
+    source_params: Mapping[str, float]  # per-source params and defaults
+    params: Mapping[str, float | bool]  # method-level params and defaults
+    uses_base: bool
+    min_sources: int
+    max_sources: int | None
+    random: bool
+    #: Names mergekit accepts for this method but that change nothing (e.g. density on
+    #: task_arithmetic, int8_mask): accepted and dropped, so mergekit YAML imports.
+    ignored_source_params: frozenset[str] = frozenset()
+    ignored_params: frozenset[str] = frozenset()
+    summary: str = ""
+    #: Python parameter name for each public name ("lambda" -> "lambda_").
+    _arg_names: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def is_bool(self, param: str) -> bool:
+        return isinstance(self.params.get(param), bool)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    paper: str | None,
+    uses_base: bool = True,
+    min_sources: int = 1,
+    max_sources: int | None = None,
+    random: bool = False,
+    ignored_source_params: Sequence[str] = (),
+    ignored_params: Sequence[str] = (),
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register ``fn(base, deltas, *, <params>)`` under ``name``; its signature is the table."""
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+        hints = typing.get_type_hints(fn, include_extras=True)
+        source_params: dict[str, float] = {}
+        params: dict[str, float | bool] = {}
+        arg_names: dict[str, str] = {}
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name == _SEEDS_ARG:
+                continue
+            public = p.name.rstrip("_")  # lambda_ -> lambda
+            arg_names[public] = p.name
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"{fn.__name__}: parameter {p.name} needs a default")
+            if PER_SOURCE in getattr(hints.get(p.name), "__metadata__", ()):
+                source_params[public] = float(p.default)
+            else:
+                params[public] = p.default
+        METHODS[name] = MergeMethod(
+            name=name,
+            fn=fn,
+            paper=paper,
+            source_params=MappingProxyType(source_params),
+            params=MappingProxyType(params),
+            uses_base=uses_base,
+            min_sources=min_sources,
+            max_sources=max_sources,
+            random=random,
+            ignored_source_params=frozenset(ignored_source_params),
+            ignored_params=frozenset(ignored_params),
+            summary=(inspect.getdoc(fn) or "").split("\n")[0],
+            _arg_names=MappingProxyType(arg_names),
+        )
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------------------
+# Lookup and validation
+# --------------------------------------------------------------------------------------
+
+
+def get_method(name: str | MergeMethod) -> MergeMethod:
+    """The registered method called ``name``; MethodError listing the known ones otherwise."""
+    if isinstance(name, MergeMethod):
+        return name
+    method = METHODS.get(name)
+    if method is None:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise MethodError(f"unknown merge method {name!r}; {hint}known methods: {', '.join(sorted(METHODS))}")
+    return method
+
+
+def check_methods_usable(names: Sequence[str], n_sources: int, has_base: bool, where: str) -> None:
+    """Every method in ``names`` exists and can merge ``n_sources`` sources (with/without a base)."""
+    for name in names:
+        try:
+            method = get_method(name)
+        except MethodError as err:
+            raise MethodError(f"{where}: {err}") from None
+        if method.uses_base and not has_base:
+            raise MethodError(
+                f"{where}: method {name!r} needs a base model (the model the sources were fine-tuned "
+                f"from); set models.base, or use 'linear'"
+            )
+        if n_sources < method.min_sources or (method.max_sources is not None and n_sources > method.max_sources):
+            raise MethodError(f"{where}: method {name!r} {_source_count_rule(method)}, got {n_sources}; "
+                              f"change models.sources or drop {name!r}")
+
+
+def _source_count_rule(method: MergeMethod) -> str:
+    lo, hi = method.min_sources, method.max_sources
+    if hi == lo:
+        return f"merges the base with exactly {lo} source{'s' if lo != 1 else ''}"
+    if hi is None:
+        return f"needs at least {lo} source{'s' if lo != 1 else ''}"
+    return f"needs {lo} to {hi} sources"
+
+
+def check_params(
+    method: str | MergeMethod,
+    source_params: Mapping[str, Sequence[float]],
+    params: Mapping[str, Any],
+    where: str,
+) -> None:
+    """Names and values of a method's parameters: one-line MethodError at the first problem.
+
+    ``source_params`` maps a per-source parameter to its values (one per source, any
+    order); ``params`` holds method-level values. Missing names take their defaults.
+    """
+    m = get_method(method)
+    for key in source_params:
+        if key not in m.source_params and key not in m.ignored_source_params:
+            raise MethodError(f"{where}: {_unknown_param(m, key, per_source=True)}")
+    for key in params:
+        if key not in m.params and key not in m.ignored_params:
+            raise MethodError(f"{where}: {_unknown_param(m, key, per_source=False)}")
+
+    for key, value in params.items():
+        if key not in m.params:
+            continue
+        if m.is_bool(key):
+            if not (isinstance(value, bool) or value in (0, 1)):
+                raise MethodError(f"{where}: {m.name} parameter {key!r} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MethodError(f"{where}: {m.name} parameter {key!r} must be a finite number, got {value!r}")
+
+    values = {k: [float(x) for x in v] for k, v in source_params.items() if k in m.source_params}
+    for key, vals in values.items():
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                raise MethodError(f"{where}: {m.name} {key} of source {i} must be a finite number, got {v}")
+            if key == "density" and not 0.0 < v <= 1.0:
+                raise MethodError(f"{where}: {m.name} density of source {i} is {v}; it must lie in (0, 1] "
+                                  f"(the fraction of delta entries kept)")
+            if key == "gamma" and not 0.0 <= v <= 1.0:
+                raise MethodError(f"{where}: {m.name} gamma of source {i} is {v}; it must lie in [0, 1] "
+                                  f"(the fraction of largest entries dropped)")
+            if key == "epsilon" and v < 0.0:
+                raise MethodError(f"{where}: {m.name} epsilon of source {i} is {v}; it must be >= 0")
+    lengths = {len(v) for v in values.values()}
+    if len(lengths) > 1:
+        raise MethodError(f"{where}: per-source parameters of {m.name} have different lengths "
+                          f"({', '.join(f'{k}: {len(v)}' for k, v in values.items())}); give one value per source")
+
+    if "epsilon" in m.source_params:
+        n = max(lengths, default=1)
+        dens = values.get("density", [m.source_params["density"]] * n)
+        eps = values.get("epsilon", [m.source_params["epsilon"]] * n)
+        for i, (d, e) in enumerate(zip(dens, eps)):
+            # mergekit's della_magprune: keep probabilities density +/- epsilon must lie
+            # strictly inside (0, 1) unless density >= 1 (then nothing is pruned).
+            if d < 1.0 and (d - e <= 0.0 or d + e >= 1.0):
+                raise MethodError(
+                    f"{where}: {m.name} source {i}: density {d:g} +/- epsilon {e:g} leaves (0, 1); "
+                    f"use epsilon < {min(d, 1.0 - d):g} or move density away from 0 and 1"
+                )
+
+
+def _unknown_param(m: MergeMethod, key: str, per_source: bool) -> str:
+    own = m.source_params if per_source else m.params
+    other = m.params if per_source else m.source_params
+    kind = "per-source" if per_source else "method-level"
+    if key in other:
+        where_else = "method-level (group params)" if per_source else "per-source (source_params)"
+        return f"{m.name} parameter {key!r} is {where_else}, not {kind}; move it there"
+    known = ", ".join(sorted(own)) or "none"
+    return f"{m.name} has no {kind} parameter {key!r}; its {kind} parameters: {known}"
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+
+def merge_tensor(
+    method: str | MergeMethod,
+    base: Tensor,
+    deltas: Tensor,
+    source_params: Mapping[str, Tensor | Sequence[float] | float],
+    params: Mapping[str, Any],
+    *,
+    seed: int,
+    tensor_name: str,
+) -> Tensor:
+    """Merge one tensor: ``base`` (shape S), ``deltas`` (N, *S) -> merged tensor (S).
+
+    ``source_params[p]`` is one value per source (a 1-D tensor, a sequence, or a scalar
+    for all); pass Python floats or float64 tensors, since density counts are
+    ``int(density * numel)`` and float32 rounding of e.g. 0.7 changes them. Missing
+    parameters take the method's defaults. Random masks are seeded by
+    ``rng.tensor_seed(seed, tensor_name, i)`` for source ``i``. Inputs are not modified.
+    """
+    m = get_method(method)
+    if deltas.dim() != base.dim() + 1 or deltas.shape[1:] != base.shape:
+        raise ValueError(f"{tensor_name}: deltas {tuple(deltas.shape)} must be (N, *{tuple(base.shape)})")
+    if deltas.dtype != base.dtype or deltas.device != base.device:
+        raise ValueError(f"{tensor_name}: base and deltas must share dtype and device")
+    n = deltas.shape[0]
+    if n < m.min_sources or (m.max_sources is not None and n > m.max_sources):
+        raise MethodError(f"tensor {tensor_name}: method {m.name!r} {_source_count_rule(m)}, got {n}")
+
+    per_source = {k: _per_source_values(v, n, k, tensor_name) for k, v in source_params.items()}
+    check_params(m, per_source, params, where=f"tensor {tensor_name}")
+
+    kwargs: dict[str, Any] = {}
+    for key, default in m.source_params.items():
+        kwargs[m._arg_names[key]] = per_source.get(key, [default] * n)
+    for key, default in m.params.items():
+        value = params.get(key, default)
+        kwargs[m._arg_names[key]] = bool(value) if isinstance(default, bool) else float(value)
+    if m.random:
+        kwargs[_SEEDS_ARG] = [rng.tensor_seed(seed, tensor_name, i) for i in range(n)]
+    if base.numel() == 0:
+        return base.clone()
+    return m.fn(base, deltas, **kwargs)
+
+
+def _per_source_values(value: Any, n: int, key: str, tensor_name: str) -> list[float]:
+    if isinstance(value, Tensor):
+        value = value.detach().double().cpu().reshape(-1).tolist()
+        if len(value) == 1:
+            value = value * n
+    elif isinstance(value, (int, float)):
+        value = [float(value)] * n
+    vals = [float(v) for v in value]
+    if len(vals) != n:
+        raise MethodError(f"tensor {tensor_name}: {key} has {len(vals)} values for {n} sources; give one per source")
+    return vals
+
+
+# --------------------------------------------------------------------------------------
+# Sparsification (mergekit/sparsify.py semantics)
+# --------------------------------------------------------------------------------------
+
+
+def _ranking_view(x: Tensor) -> Tensor:
+    """|x| in a dtype where ranking is exact and kthvalue/sort are implemented."""
+    mag = x.abs()
+    return mag.float() if mag.dtype in (torch.float16, torch.bfloat16) else mag
+
+
+def _rank_window(mag: Tensor, lo: int, hi: int) -> Tensor:
+    """Boolean mask of the elements of flat ``mag`` whose ascending rank is in [lo, hi).
+
+    Ranks order by value, equal values by element index, so the kept count is exactly
+    ``hi - lo`` and the choice is the same on every device. Two order statistics
+    (kthvalue, linear time) replace a full sort, which is ~10x slower on CPU.
+    """
+    n = mag.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return torch.zeros_like(mag, dtype=torch.bool)
+    if lo == 0 and hi == n:
+        return torch.ones_like(mag, dtype=torch.bool)
+    v_lo = mag.kthvalue(lo + 1).values if lo > 0 else None
+    v_hi = mag.kthvalue(hi).values if hi < n else None
+    # Strictly inside the two threshold values: kept whatever the tie order.
+    if v_lo is None:
+        keep = mag < v_hi
+    elif v_hi is None:
+        keep = mag > v_lo
+    else:
+        keep = (mag > v_lo) & (mag < v_hi)
+    # Elements equal to a threshold: rank = (#elements below it) + (#equal ones before
+    # it in index order); usually one element, so index lists beat a full cumsum.
+    for v in {float(x) for x in (v_lo, v_hi) if x is not None}:
+        at = torch.nonzero(mag == v).reshape(-1)
+        ranks = torch.arange(at.numel(), device=mag.device) + (mag < v).sum()
+        keep[at[(ranks >= lo) & (ranks < hi)]] = True
+    return keep
+
+
+def _rescale_l1(x: Tensor, masked: Tensor, rescale: bool) -> Tensor:
+    """mergekit's rescaled_masked_tensor with the L1 norm (used when ``rescale``)."""
+    if not rescale:
+        return masked
+    before = x.abs().sum()
+    after = masked.abs().sum()
+    small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    scale = torch.where(small, torch.ones_like(before), before / torch.where(small, torch.ones_like(after), after))
+    return masked * scale
+
+
+def sparsify_magnitude(x: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """TIES trim: keep the ``max(1, int(density * numel))`` largest-magnitude entries."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    k = max(1, int(density * n))
+    keep = _rank_window(_ranking_view(x).reshape(-1), n - k, n).reshape(x.shape)
+    return _rescale_l1(x, x * keep, rescale)
+
+
+def sparsify_outliers(x: Tensor, density: float, gamma: float, rescale: bool = False) -> Tensor:
+    """Breadcrumbs: drop the ``int(gamma * numel)`` largest entries, then the smallest,
+    keeping ``int(density * numel)`` (the top cut shrinks when both do not fit)."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    keep = _rank_window(_ranking_view(x).reshape(-1), n_bot, n_bot + target).reshape(x.shape)
+    return _rescale_l1(x, x * keep, rescale)
+
+
+def sparsify_bernoulli(x: Tensor, density: float, seed: int, rescale: bool = False) -> Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        return x
+    keep = rng.bernoulli_mask(seed, x.shape, density, device=x.device)
+    return _rescale_l1(x, x * keep, rescale)
+
+
+def sparsify_della(x: Tensor, density: float, epsilon: float, seed: int, rescale: bool = False) -> Tensor:
+    """DELLA MagPrune: keep probability rises linearly with magnitude rank along dim 1
+    (rows of a matrix; the whole vector for 1-D), from density-epsilon to density+epsilon."""
+    if density >= 1:
+        return x
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    width = rows.shape[1]
+    prob_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    order = _ranking_view(rows).argsort(dim=1, stable=True)
+    positions = torch.arange(width, device=x.device, dtype=torch.int64)
+    positions = positions.view([1, width] + [1] * (rows.dim() - 2)).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)  # 0 .. width-1
+    rank_norm = ranks.to(prob_dtype) / max(width - 1, 1)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    keep = rng.uniform(seed, rows.shape, device=x.device).to(prob_dtype) < probs
+    return _rescale_l1(x, x * keep.reshape(x.shape), rescale)
+
+
+# --------------------------------------------------------------------------------------
+# Generalized task arithmetic (mergekit/merge_methods/generalized_task_arithmetic.py)
+# --------------------------------------------------------------------------------------
+
+
+def _task_arithmetic(
+    base: Tensor,
+    deltas: Tensor,
+    weight: Sequence[float],
+    sparsify: Callable[[Tensor, int], Tensor] | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> Tensor:
+    """base + lambda * (sum_i w_i * sparsify(delta_i)) [/ divisor], optional TIES sign election."""
+    n = deltas.shape[0]
+    sparse = (lambda i: deltas[i]) if sparsify is None else (lambda i: sparsify(deltas[i], i))
+    if not consensus:
+        mixed = torch.zeros_like(base)
+        for i in range(n):
+            mixed.add_(sparse(i) * weight[i])
+        divisor_value = sum(weight)
+        divisor = divisor_value if abs(divisor_value) >= 1e-8 else 1.0
+    else:
+        weighted = torch.empty_like(deltas)
+        for i in range(n):
+            torch.mul(sparse(i), weight[i], out=weighted[i])
+        positive = weighted.sum(dim=0) >= 0  # elected sign; a zero sum elects +
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for i in range(n):
+            agree = torch.where(positive, weighted[i] > 0, weighted[i] < 0)
+            mixed += weighted[i] * agree
+            divisor += agree.to(divisor.dtype) * weight[i]
+        del weighted
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
+
+
+_GTA_IGNORED = ("int8_mask",)  # mergekit memory option, no effect on results
+
+
+@merge_method("task_arithmetic", paper="https://arxiv.org/abs/2212.04089",
+              ignored_source_params=("density",), ignored_params=("rescale",) + _GTA_IGNORED)
+def task_arithmetic(
+    base: Tensor, deltas: Tensor, *, weight: PerSource = 1.0, normalize: bool = False, lambda_: float = 1.0
+) -> Tensor:
+    """base + lambda * sum_i weight_i * delta_i (divided by sum of weights when normalize).
+
+    mergekit defaults: normalize=false, lambda=1.0 (weight required there).
+    """
+    return _task_arithmetic(base, deltas, weight, None, False, normalize, lambda_)
+
+
+@merge_method("ties", paper="https://arxiv.org/abs/2306.01708", ignored_params=_GTA_IGNORED)
+def ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """TIES: trim each delta to its top ``density`` by magnitude, elect signs, disjoint mean.
+
+    mergekit defaults: density=1.0, normalize=true, rescale=false, lambda=1.0.
+    """
+    trim = lambda d, i: sparsify_magnitude(d, density[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, trim, True, normalize, lambda_)
+
+
+@merge_method("dare_ties", paper="https://arxiv.org/abs/2311.03099", random=True, ignored_params=_GTA_IGNORED)
+def dare_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    seeds: Sequence[int] = (),
+) -> Tensor:
+    """DARE + TIES sign election: random keep with p=density, L1 rescale, disjoint sum.
+
+    mergekit defaults: density=1.0, normalize=false, rescale=true, lambda=1.0.
+    """
+    drop = lambda d, i: sparsify_bernoulli(d, density[i], seeds[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, drop, True, normalize, lambda_)
+
+
+@merge_method("dare_linear", paper="https://arxiv.org/abs/2311.03099", random=True, ignored_params=_GTA_IGNORED)
+def dare_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    seeds: Sequence[int] = (),
+) -> Tensor:
+    """DARE without sign election: random keep with p=density, L1 rescale, weighted sum.
+
+    mergekit defaults: density=1.0, normalize=false, rescale=true, lambda=1.0.
+    """
+    drop = lambda d, i: sparsify_bernoulli(d, density[i], seeds[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, drop, False, normalize, lambda_)
+
+
+@merge_method("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", ignored_params=_GTA_IGNORED)
+def breadcrumbs(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    gamma: PerSource = 0.01,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """Model Breadcrumbs: drop the largest ``gamma`` and the smallest entries, keep ``density``.
+
+    mergekit defaults: density=1.0, gamma=0.01, normalize=false, rescale=false, lambda=1.0.
+    """
+    band = lambda d, i: sparsify_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, band, False, normalize, lambda_)
+
+
+@merge_method("breadcrumbs_ties", paper="https://arxiv.org/abs/2312.06795", ignored_params=_GTA_IGNORED)
+def breadcrumbs_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    gamma: PerSource = 0.01,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """Breadcrumbs band + TIES sign election and disjoint sum.
+
+    mergekit defaults: density=1.0, gamma=0.01, normalize=false, rescale=false, lambda=1.0.
+    """
+    band = lambda d, i: sparsify_outliers(d, density[i], gamma[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, band, True, normalize, lambda_)
+
+
+@merge_method("della", paper="https://arxiv.org/abs/2406.11617", random=True, ignored_params=_GTA_IGNORED)
+def della(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    epsilon: PerSource = 0.15,
+    normalize: bool = True,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    seeds: Sequence[int] = (),
+) -> Tensor:
+    """DELLA: magnitude-ranked keep probabilities in density +/- epsilon, TIES sign election.
+
+    mergekit defaults: density=1.0, epsilon=0.15, normalize=true, rescale=true, lambda=1.0.
+    density < 1 needs 0 < density - epsilon and density + epsilon < 1.
+    """
+    prune = lambda d, i: sparsify_della(d, density[i], epsilon[i], seeds[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, prune, True, normalize, lambda_)
+
+
+@merge_method("della_linear", paper="https://arxiv.org/abs/2406.11617", random=True, ignored_params=_GTA_IGNORED)
+def della_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    weight: PerSource = 1.0,
+    density: PerSource = 1.0,
+    epsilon: PerSource = 0.15,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    seeds: Sequence[int] = (),
+) -> Tensor:
+    """DELLA pruning without sign election: weighted sum of pruned deltas.
+
+    mergekit defaults: density=1.0, epsilon=0.15, normalize=false, rescale=true, lambda=1.0.
+    """
+    prune = lambda d, i: sparsify_della(d, density[i], epsilon[i], seeds[i], rescale)  # noqa: E731
+    return _task_arithmetic(base, deltas, weight, prune, False, normalize, lambda_)
+
+
+# --------------------------------------------------------------------------------------
+# Whole-model methods: linear, slerp, model_stock
+# --------------------------------------------------------------------------------------
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """mergekit's linear/slerp accumulate in float32 unless the inputs are float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@merge_method("linear", paper="https://arxiv.org/abs/2203.05482", uses_base=False)
+def linear(base: Tensor, deltas: Tensor, *, weight: PerSource = 1.0, normalize: bool = True) -> Tensor:
+    """Weighted average of the sources (``base + delta_i``); the base itself gets no weight.
+
+    mergekit defaults: normalize=true (weight required there). Differs from mergekit
+    only when the weights sum to ~0 with normalize on: mergekit divides (inf/NaN), here
+    the sum is left undivided as task arithmetic does.
+    """
+    work = _work_dtype(base)
+    b = base.to(work)
+    out = torch.zeros_like(b)
+    for i in range(deltas.shape[0]):
+        out.add_((b + deltas[i].to(work)) * weight[i])
+    total = sum(weight)
+    if normalize and abs(total) >= 1e-8:
+        out.div_(total)
+    return out.to(base.dtype)
+
+
+@merge_method("slerp", paper="https://en.wikipedia.org/wiki/Slerp", min_sources=1, max_sources=1)
+def slerp(base: Tensor, deltas: Tensor, *, t: float = 0.5) -> Tensor:
+    """Spherical interpolation from the base (t=0) to the one source (t=1), whole tensor.
+
+    As mergekit: norms below 1e-8 count as 1; when |cos| of the angle exceeds
+    ``SLERP_DOT_THRESHOLD`` (0.9995: nearly parallel or antiparallel) it falls back to lerp.
+    mergekit requires t; the default here is 0.5.
+    """
+    work = _work_dtype(base)
+    a = base.reshape(-1).to(work)
+    b = a + deltas[0].reshape(-1).to(work)
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, torch.ones_like(norm_a))
+    norm_b = torch.where(norm_b > 1e-8, norm_b, torch.ones_like(norm_b))
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    parallel = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(parallel, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    tt = torch.tensor(t, dtype=work, device=base.device)
+    coef_a = torch.where(parallel, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(parallel, tt, torch.sin(tt * theta) / sin_theta)
+    return (coef_a * a + coef_b * b).reshape(base.shape).to(base.dtype)
+
+
+@merge_method("model_stock", paper="https://arxiv.org/abs/2403.19522", min_sources=2)
+def model_stock(base: Tensor, deltas: Tensor, *, filter_wise: bool = False) -> Tensor:
+    """Model Stock: pull the sources' average towards the base by the mean pairwise cosine.
+
+    t = N cos / (1 + (N - 1) cos) with cos the mean pairwise cosine of the deltas (over
+    the whole tensor, or per row - last dim - when ``filter_wise``); merged =
+    t * mean(sources) + (1 - t) * base, and the base where 1 + (N-1) cos ~ 0.
+    mergekit default: filter_wise=false.
+    """
+    work = _work_dtype(base)
+    w0 = base.to(work)
+    offsets = deltas.to(work)
+    if filter_wise:
+        if w0.dim() <= 1:
+            w0 = w0.reshape(1, -1)
+            offsets = offsets.reshape(offsets.shape[0], 1, -1)
+    else:
+        w0 = w0.reshape(-1)
+        offsets = offsets.reshape(offsets.shape[0], -1)
+    n = offsets.shape[0]
+    norms = torch.linalg.vector_norm(offsets, dim=-1)
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(cos), denominator))
+    average = w0 + offsets.mean(dim=0)
+    return (t * average + (1 - t) * w0).reshape(base.shape).to(base.dtype)
