@@ -1,0 +1,361 @@
+"""Reports on a run: the ``status`` table and the ``report.png`` plot.
+
+Both read the run directory only (``evomerge.runview``), so they work on a finished run,
+on a crashed one, and while the driver is still writing it. ``draw_report`` is called by
+the driver at every checkpoint, so it must be cheap: it draws with matplotlib's Agg
+canvas on a private ``Figure`` (no pyplot global state, no GUI backend), computes the
+progress curves incrementally, and writes the PNG atomically (temp file + rename) so a
+viewer never sees half an image.
+
+Pure parts (``progress``, ``summary``, ``build_figure``) return data or a Figure, so tests
+can check the numbers and the axes directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from evomerge.archive import ParetoArchive
+from evomerge.runview import Evaluation, Objective, RunView, hypervolume_max, load_run, log_archive
+
+FRONT_COLOR = "#d62728"
+GREY = "#9a9a9a"
+REF_COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def axis_label(o: Objective) -> str:
+    """Axis names carry the objective and which way is better."""
+    return f"{o.name} ({'higher' if o.direction == 'maximize' else 'lower'} is better)"
+
+
+# -- numbers (pure) ------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Curves over the run, x = number of finished evaluations (failures included)."""
+
+    x: list[int]
+    best: dict[str, list[float]]  # best-so-far of each objective (NaN before the first success)
+    hypervolume: list[float]  # of the non-dominated set so far, w.r.t. ``reference``
+    reference: dict[str, float] | None
+
+
+#: the hypervolume curve is evaluated at most at this many evaluation counts (plus the end)
+CURVE_POINTS = 100
+
+
+def _hv_of(members: dict[str, dict[str, float]], objs: Sequence[Objective], ref: dict[str, float]) -> float:
+    return hypervolume_max([[o.sign * s[o.name] for o in objs] for s in members.values()],
+                           [o.sign * ref[o.name] for o in objs])
+
+
+def progress(view: RunView) -> Progress:
+    """Best-so-far per objective and hypervolume-so-far after each finished evaluation.
+
+    The hypervolume uses one reference for the whole curve, the driver's archive default
+    at the end of the run (the worst score seen per objective), so the curve can only grow
+    and its last point is the number ``status`` and front.json report. It is recomputed
+    only where the front changed, at most at CURVE_POINTS evaluation counts (held
+    in between), so redrawing at every checkpoint stays cheap on long runs.
+    """
+    objs = view.objectives
+    final = log_archive(view)
+    ref = final.reference_point() if len(final) else None
+    arch = ParetoArchive(view.directions)
+    n_total = len(view.evaluations)
+    grid = {max(1, round(k * n_total / CURVE_POINTS)) for k in range(1, CURVE_POINTS + 1)} | {n_total}
+    x: list[int] = []
+    best: dict[str, list[float]] = {o.name: [] for o in objs}
+    hv: list[float] = []
+    cur = {o.name: math.nan for o in objs}
+    cur_hv, dirty = 0.0, False
+    names = view.objective_names
+    for n, e in enumerate(view.evaluations, 1):
+        if e.ok and all(isinstance(e.scores.get(k), (int, float)) and math.isfinite(e.scores[k]) for k in names):
+            for o in objs:
+                v = e.scores[o.name]
+                if math.isnan(cur[o.name]) or o.sign * v > o.sign * cur[o.name]:
+                    cur[o.name] = v
+            dirty = arch.add(f"{e.id}#{n}", e.scores) or dirty
+        if dirty and ref is not None and n in grid:
+            cur_hv, dirty = _hv_of(arch.members(), objs, ref), False
+        x.append(n)
+        for o in objs:
+            best[o.name].append(cur[o.name])
+        hv.append(cur_hv)
+    return Progress(x=x, best=best, hypervolume=hv, reference=ref)
+
+
+def active_seconds(spans: Sequence[tuple[float, float]], bridge_s: float = 300.0) -> float:
+    """Wall time the search was running: the union of evaluation spans, short gaps bridged.
+
+    A run stopped overnight and resumed must not count the night, but the few seconds
+    between one evaluation and the next (ask, tell, checkpoint) are part of the run.
+    """
+    total = 0.0
+    cur: list[float] | None = None
+    for a, b in sorted(spans):
+        if cur is not None and a <= cur[1] + bridge_s:
+            cur[1] = max(cur[1], b)
+            continue
+        if cur is not None:
+            total += cur[1] - cur[0]
+        cur = [a, b]
+    if cur is not None:
+        total += cur[1] - cur[0]
+    return total
+
+
+def summary(view: RunView) -> dict[str, Any]:
+    """The progress line of ``status``: done/budget, failures, front size, hypervolume, rate."""
+    done = len(view.evaluations)
+    failed = sum(1 for e in view.evaluations if not e.ok)
+    active = active_seconds([(e.asked_at, e.finished_at) for e in view.evaluations
+                             if isinstance(e.asked_at, (int, float)) and isinstance(e.finished_at, (int, float))])
+    per_hour = done / (active / 3600.0) if active > 0 else None
+    arch = log_archive(view)
+    ref = arch.reference_point() if len(arch) else None
+    budget = view.budget()
+    return {"done": done, "budget": budget.get("evaluations"), "wall_clock_s": budget.get("wall_clock_s"),
+            "failed": failed, "front_size": len(view.front),
+            "hypervolume": _hv_of(arch.members(), view.objectives, ref) if ref else 0.0,
+            "reference": ref, "per_hour": per_hour}
+
+
+# -- figure (pure) ------------------------------------------------------------------------------
+def build_figure(view: RunView, highlight: str | None = None):
+    """The report figure: the front (scatter or parallel coordinates) and progress panels."""
+    from matplotlib.figure import Figure
+
+    objs = view.objectives
+    n_side = len(objs) + 1
+    fig = Figure(figsize=(13, max(6.0, 1.9 * n_side)), dpi=100, layout="constrained")
+    gs = fig.add_gridspec(n_side, 2, width_ratios=[1.5, 1.0])
+    ax_front = fig.add_subplot(gs[:, 0])
+    if len(objs) == 2:
+        _scatter(ax_front, view, highlight)
+    elif len(objs) >= 3:
+        _parallel(ax_front, view, highlight)
+    else:
+        _single(ax_front, view, highlight)
+
+    prog = progress(view)
+    side = [fig.add_subplot(gs[k, 1]) for k in range(n_side)]
+    for k, o in enumerate(objs):
+        ax = side[k]
+        ax.plot(prog.x, prog.best[o.name], color=REF_COLORS[k % len(REF_COLORS)], drawstyle="steps-post")
+        ax.set_ylabel(f"best {o.name}", fontsize=9)
+        ax.set_title(f"best {axis_label(o)} so far", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        ax.sharex(side[-1])
+        ax.tick_params(labelbottom=False)
+    ax = side[-1]
+    ax.plot(prog.x, prog.hypervolume, color="black", drawstyle="steps-post")
+    ax.set_ylabel("hypervolume", fontsize=9)
+    ax.set_title("hypervolume of the front so far (reference: worst score seen)", fontsize=9, loc="left")
+    ax.set_xlabel("evaluations")
+    ax.grid(alpha=0.3)
+    budget = view.budget().get("evaluations")
+    failed = sum(1 for e in view.evaluations if not e.ok)
+    fig.suptitle(f"{view.config.get('name') or view.path.name}: {len(view.evaluations)}"
+                 f"{f'/{budget}' if budget else ''} evaluations, {failed} failed, front of {len(view.front)}",
+                 fontsize=12)
+    return fig
+
+
+def _ref_label(ref) -> str:
+    if ref.label == "uniform":
+        return "uniform average"
+    return f"source: {ref.short_label}" if ref.label.startswith("source:") else ref.label
+
+
+def _points(evals: Sequence[Evaluation], names: Sequence[str]) -> list[list[float]]:
+    return [[e.scores[n] for n in names] for e in evals]
+
+
+def _scatter(ax, view: RunView, highlight: str | None) -> None:
+    ox, oy = view.objectives
+    ok = view.ok_evaluations()
+    front = view.front_evaluations()
+    front_ids = {e.id for e in front}
+    rest = [e for e in ok if e.id not in front_ids]
+    if rest:
+        xs, ys = zip(*_points(rest, [ox.name, oy.name]))
+        ax.scatter(xs, ys, s=18, color=GREY, alpha=0.55, label=f"evaluated ({len(ok)})", zorder=1)
+    if front:
+        pts = sorted(_points(front, [ox.name, oy.name]), key=lambda p: ox.sign * p[0])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=FRONT_COLOR, lw=1.5, zorder=2)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=46, color=FRONT_COLOR, edgecolor="black",
+                   linewidth=0.6, label=f"Pareto front ({len(front)})", zorder=3)
+    for k, ref in enumerate(view.references):
+        if not all(n in ref.scores for n in (ox.name, oy.name)):
+            continue
+        style = {"uniform": ("*", 200), "base": ("s", 70)}.get(ref.label, ("^", 80))
+        ax.scatter([ref.scores[ox.name]], [ref.scores[oy.name]], marker=style[0], s=style[1],
+                   color=REF_COLORS[k % len(REF_COLORS)], edgecolor="black", linewidth=0.6, zorder=4,
+                   label=_ref_label(ref))
+    _mark(ax, view, highlight, [ox.name, oy.name])
+    ax.set_xlabel(axis_label(ox))
+    ax.set_ylabel(axis_label(oy))
+    ax.set_title("Pareto front (selection scores)", loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9, framealpha=0.85)
+
+
+def _mark(ax, view: RunView, highlight: str | None, names: Sequence[str]) -> None:
+    e = view.get(highlight) if highlight else None
+    if e is not None and e.ok:
+        ax.scatter([e.scores[names[0]]], [e.scores[names[1]]], s=260, facecolor="none", edgecolor="black",
+                   linewidth=2.0, zorder=5, label=f"exported ({e.id})")
+
+
+def _single(ax, view: RunView, highlight: str | None) -> None:
+    """One objective: score against evaluation number (the 'front' is the best)."""
+    (o,) = view.objectives
+    ok = view.ok_evaluations()
+    ax.scatter([e.index for e in ok], [e.scores[o.name] for e in ok], s=18, color=GREY, label="evaluated")
+    front = view.front_evaluations()
+    ax.scatter([e.index for e in front], [e.scores[o.name] for e in front], s=46, color=FRONT_COLOR,
+               edgecolor="black", label="best")
+    for k, ref in enumerate(view.references):
+        if o.name in ref.scores:
+            ax.axhline(ref.scores[o.name], ls="--", color=REF_COLORS[k % len(REF_COLORS)], label=ref.short_label)
+    ax.set_xlabel("evaluation index")
+    ax.set_ylabel(axis_label(o))
+    ax.legend(fontsize=9)
+
+
+def _parallel(ax, view: RunView, highlight: str | None) -> None:
+    """Parallel coordinates: one vertical axis per objective, normalised so up = better."""
+    objs = view.objectives
+    names = [o.name for o in objs]
+    ok = view.ok_evaluations()
+    pts_all = [e.scores for e in ok] + [r.scores for r in view.references if all(n in r.scores for n in names)]
+    if not pts_all:
+        ax.set_xticks(range(len(objs)), [axis_label(o) for o in objs])
+        return
+    lo = {o.name: min(p[o.name] for p in pts_all) for o in objs}
+    hi = {o.name: max(p[o.name] for p in pts_all) for o in objs}
+
+    def norm(scores: dict[str, float]) -> list[float]:
+        out = []
+        for o in objs:
+            span = hi[o.name] - lo[o.name]
+            v = 0.5 if span == 0 else (scores[o.name] - lo[o.name]) / span
+            out.append(v if o.direction == "maximize" else 1.0 - v)
+        return out
+
+    xs = list(range(len(objs)))
+    front_ids = {e.id for e in view.front_evaluations()}
+    rest = [list(zip(xs, norm(e.scores))) for e in ok if e.id not in front_ids]
+    if rest:  # one collection, not one Line2D per candidate: thousands of candidates stay cheap
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection(rest, colors=GREY, alpha=0.5, linewidths=0.8, label=f"evaluated ({len(ok)})"))
+    big = len(front_ids) > 30  # thin the lines of a large front so it stays legible
+    for k, e in enumerate(view.front_evaluations()):
+        ax.plot(xs, norm(e.scores), color=FRONT_COLOR, lw=0.8 if big else 1.6, alpha=0.6 if big else 1.0,
+                marker="o", ms=2 if big else 4,
+                label=f"Pareto front ({len(front_ids)})" if k == 0 else None)
+    for k, ref in enumerate(r for r in view.references if all(n in r.scores for n in names)):
+        ax.plot(xs, norm(ref.scores), color=REF_COLORS[k % len(REF_COLORS)], lw=2.0, ls="--",
+                label=_ref_label(ref))
+    e = view.get(highlight) if highlight else None
+    if e is not None and e.ok:
+        ax.plot(xs, norm(e.scores), color="black", lw=3.0, label=f"exported ({e.id})")
+    for x, o in zip(xs, objs):
+        ax.axvline(x, color="black", lw=0.8)
+        best, worst = (hi, lo) if o.direction == "maximize" else (lo, hi)
+        ax.annotate(f"{best[o.name]:.3g}", (x, 1.0), xytext=(3, 4), textcoords="offset points", fontsize=8)
+        ax.annotate(f"{worst[o.name]:.3g}", (x, 0.0), xytext=(3, -12), textcoords="offset points", fontsize=8)
+    ax.set_xticks(xs, [axis_label(o) for o in objs], fontsize=9)
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_ylabel("normalised score (1 = best seen)")
+    ax.set_title("Pareto front, parallel coordinates (selection scores)", loc="left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3, fontsize=9, frameon=False)
+
+
+# -- writing ------------------------------------------------------------------------------------
+def draw_report(run: str | Path | RunView, out: str | Path | None = None, *, highlight: str | None = None) -> Path:
+    """Render ``report.png`` (default: inside the run dir) atomically; returns its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    view = run if isinstance(run, RunView) else load_run(run)
+    path = Path(out) if out is not None else view.path / "report.png"
+    fig = build_figure(view, highlight=highlight)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fig.savefig(fh, format="png")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_command(args: argparse.Namespace) -> int:
+    path = draw_report(args.run_dir, getattr(args, "out", None))
+    print(f"wrote {path}")
+    return 0
+
+
+# -- status -------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    return "–" if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def front_table(view: RunView):
+    """Rich table of the front: id, each objective on selection and heldout, methods."""
+    from rich.table import Table
+
+    table = Table(title=f"Pareto front of {view.path} ({len(view.front)} members)")
+    table.add_column("id", style="bold")
+    for o in view.objectives:
+        arrow = "↑" if o.direction == "maximize" else "↓"
+        table.add_column(f"{o.name} {arrow}\nselection", justify="right")
+        table.add_column(f"{o.name} {arrow}\nheldout", justify="right")
+    table.add_column("method(s)")
+    key = view.objectives[0]
+    for e in sorted(view.front_evaluations(), key=lambda e: -key.sign * e.scores.get(key.name, 0.0)):
+        held = view.heldout.get(e.id) or {}
+        methods = sorted({g.get("method", "?") for g in ((e.recipe or {}).get("groups") or {}).values()})
+        table.add_row(e.id, *[c for o in view.objectives for c in (_fmt(e.scores.get(o.name)), _fmt(held.get(o.name)))],
+                      ", ".join(methods))
+    if table.rows and view.references:
+        table.rows[-1].end_section = True
+    for r in view.references:
+        table.add_row(f"[dim]{_ref_label(r)}[/dim]",
+                      *[c for o in view.objectives for c in (_fmt(r.scores.get(o.name)),
+                                                             _fmt((r.heldout or {}).get(o.name)))], "[dim]reference[/dim]")
+    return table
+
+
+def progress_line(s: dict[str, Any]) -> str:
+    budget = f" / {s['budget']}" if s["budget"] else ""
+    rate = f"{s['per_hour']:.1f} evaluations/hour" if s["per_hour"] else "rate unknown"
+    return (f"evaluations: {s['done']}{budget}   failed: {s['failed']}   front: {s['front_size']}   "
+            f"hypervolume: {s['hypervolume']:.4g}   {rate}")
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    run_dir = Path(args.run_dir)
+    load_run(run_dir)  # a wrong path fails here, in one line, before any Ray work
+    if getattr(args, "rescore", False):
+        from evomerge.driver import rescore_front
+
+        rescore_front(run_dir, getattr(args, "address", None))
+    view = load_run(run_dir)
+    console = Console()
+    console.print(front_table(view))
+    console.print(progress_line(summary(view)))
+    return 0
+
