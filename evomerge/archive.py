@@ -29,30 +29,49 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 def hypervolume_min(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
     """Exact hypervolume dominated by ``points`` (minimisation) and bounded by ``reference``.
 
-    Slicing ("HSO"): sort by the last coordinate, and sum over the slabs between
-    consecutive values the (d-1)-dimensional hypervolume of the points already swept,
-    times the slab height. O(n^d) -- exact and plenty fast for the front sizes of a
-    merge search (tens of members, 2-4 objectives). Points that do not strictly beat
-    the reference in every coordinate contribute nothing.
+    Points that do not strictly beat the reference in every coordinate contribute nothing.
     """
-    pts = [tuple(map(float, p)) for p in points if all(x < r for x, r in zip(p, reference))]
-    return _hso(pts, tuple(map(float, reference)))
+    return hypervolume_max([[-float(x) for x in p] for p in points], [-float(r) for r in reference])
 
 
-def _hso(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
-    if not points:
+def hypervolume_max(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Exact hypervolume of ``points`` ('larger is better' coordinates) above ``reference``.
+
+    Reports redraw at every checkpoint and trace the curve over the whole run, and
+    checkpoints rewrite front.json, so it must stay fast on large fronts: a sweep in 2-D
+    (O(n log n)) and, above, slicing on the first coordinate with the dominated points
+    of each slab dropped before recursing (O(n^2 log n) in 3-D). Same value, exactly
+    defined the same way: points not above the reference everywhere add nothing.
+    """
+    ref = tuple(float(r) for r in reference)
+    pts = [tuple(float(v) for v in p) for p in points if all(v > r for v, r in zip(p, ref))]
+    return _hv(pts, ref)
+
+
+def _hv(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
+    if not pts:
         return 0.0
     d = len(ref)
     if d == 1:
-        return ref[0] - min(p[0] for p in points)
-    pts = sorted(points, key=lambda p: p[-1])
-    volume = 0.0
+        return max(p[0] for p in pts) - ref[0]
+    pts = sorted(pts, key=lambda p: p[0], reverse=True)
+    if d == 2:
+        total, best_y = 0.0, ref[1]
+        for i, (x, y) in enumerate(pts):
+            best_y = max(best_y, y)
+            nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
+            total += (x - nxt) * (best_y - ref[1])
+        return total
+    total = 0.0
+    front: list[tuple[float, ...]] = []  # non-dominated tails (d-1 coords) of the points swept so far
     for i, p in enumerate(pts):
-        top = pts[i + 1][-1] if i + 1 < len(pts) else ref[-1]
-        height = top - p[-1]
-        if height > 0:
-            volume += height * _hso([q[:-1] for q in pts[: i + 1]], ref[:-1])
-    return volume
+        tail = p[1:]
+        if not any(all(a >= b for a, b in zip(q, tail)) for q in front):
+            front = [q for q in front if not all(a >= b for a, b in zip(tail, q))] + [tail]
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
+        if p[0] > nxt:
+            total += (p[0] - nxt) * _hv(front, ref[1:])
+    return total
 
 
 class ParetoArchive:

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from evomerge.errors import RunDirError
+from evomerge.archive import hypervolume_max
 
 log = logging.getLogger(__name__)
 
@@ -118,46 +119,6 @@ class RunView:
 
 def _complete(scores: Mapping[str, float], names: Sequence[str]) -> bool:
     return all(isinstance(scores.get(n), (int, float)) and math.isfinite(scores[n]) for n in names)
-
-
-def hypervolume_max(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
-    """Exact hypervolume of ``points`` ('larger is better' coordinates) above ``reference``.
-
-    Why not the archive's: reports redraw at every checkpoint and trace the curve over
-    the whole run, so this one must stay fast on large fronts: a sweep in 2-D
-    (O(n log n)) and, above, slicing on the first coordinate with the dominated points
-    of each slab dropped before recursing (O(n^2 log n) in 3-D). Same value, exactly
-    defined the same way: points not above the reference everywhere add nothing.
-    """
-    ref = tuple(float(r) for r in reference)
-    pts = [tuple(float(v) for v in p) for p in points if all(v > r for v, r in zip(p, ref))]
-    return _hv(pts, ref)
-
-
-def _hv(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
-    if not pts:
-        return 0.0
-    d = len(ref)
-    if d == 1:
-        return max(p[0] for p in pts) - ref[0]
-    pts = sorted(pts, key=lambda p: p[0], reverse=True)
-    if d == 2:
-        total, best_y = 0.0, ref[1]
-        for i, (x, y) in enumerate(pts):
-            best_y = max(best_y, y)
-            nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
-            total += (x - nxt) * (best_y - ref[1])
-        return total
-    total = 0.0
-    front: list[tuple[float, ...]] = []  # non-dominated tails (d-1 coords) of the points swept so far
-    for i, p in enumerate(pts):
-        tail = p[1:]
-        if not any(all(a >= b for a, b in zip(q, tail)) for q in front):
-            front = [q for q in front if not all(a >= b for a, b in zip(tail, q))] + [tail]
-        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
-        if p[0] > nxt:
-            total += (p[0] - nxt) * _hv(front, ref[1:])
-    return total
 
 
 def log_archive(view: "RunView", upto: int | None = None) -> Any:
