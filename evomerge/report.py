@@ -319,9 +319,10 @@ def front_table(view: RunView):
     table.add_column("id", style="bold")
     for o in view.objectives:
         arrow = "↑" if o.direction == "maximize" else "↓"
-        table.add_column(f"{o.name} {arrow}\nselection", justify="right")
-        table.add_column(f"{o.name} {arrow}\nheldout", justify="right")
+        table.add_column(f"{o.name} {arrow}\nsel", justify="right")
+        table.add_column(f"{o.name} {arrow}\nheld", justify="right")
     table.add_column("method(s)")
+    table.caption = "sel: selection items (searched on); held: held-out items (never searched on)"
     key = view.objectives[0]
     for e in sorted(view.front_evaluations(), key=lambda e: -key.sign * e.scores.get(key.name, 0.0)):
         held = view.heldout.get(e.id) or {}
@@ -333,7 +334,7 @@ def front_table(view: RunView):
     for r in view.references:
         table.add_row(f"[dim]{_ref_label(r)}[/dim]",
                       *[c for o in view.objectives for c in (_fmt(r.scores.get(o.name)),
-                                                             _fmt((r.heldout or {}).get(o.name)))], "[dim]reference[/dim]")
+                                                             _fmt((r.heldout or {}).get(o.name)))], "[dim]ref[/dim]")
     return table
 
 
