@@ -153,3 +153,24 @@ def test_lm_eval_cli_scores_task_from_repo_root(zoos, tmp_path):
     assert results
     res = json.loads(results[0].read_text())["results"]["demo_sort_heldout"]
     assert 0.0 <= res["exact_match,none"] <= 1.0
+
+
+def test_base_corpus_demo_share_uses_training_words_only():
+    """Mid-training mixes demo skills into the base corpus at about ``demo_share``, never an eval item;
+    a specialist's replay stream (demo_share 0) holds no demo skill at all."""
+    import random
+
+    from demo_zoo.train import example_stream
+
+    prefixes = tuple(f"{s} " for s in ds.SKILLS)
+    stream = example_stream(None, random.Random(0), demo_share=0.6)
+    pairs = [next(stream) for _ in range(3000)]
+    demo = [(p, a) for p, a in pairs if p.startswith(prefixes)]
+    assert 0.55 < len(demo) / len(pairs) < 0.65
+    for p, a in demo:
+        name, word = p[:-1].split(" ")
+        assert ds.split_of(name, word) == "train"
+        assert a == ds.SKILLS[name].answer(word) + "\n"
+    replay = example_stream("sort", random.Random(0), replay=0.5)
+    others = [p for p, _ in (next(replay) for _ in range(2000)) if p.startswith(("upper ", "shift "))]
+    assert others == []

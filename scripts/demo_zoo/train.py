@@ -50,12 +50,18 @@ def _words_text(rng: random.Random) -> str:
     return " ".join("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 6))) for _ in range(n)) + "\n"
 
 
-def example_stream(skill: str | None, rng: random.Random, replay: float = 0.0) -> Iterator[tuple[str, str]]:
+def example_stream(skill: str | None, rng: random.Random, replay: float = 0.0,
+                   demo_share: float = 0.0) -> Iterator[tuple[str, str]]:
     """``(prompt, answer+newline)`` pairs. ``skill=None``: the base's mixed corpus (words + copy/lower/back/rsort).
 
     ``replay``: share of base-corpus items mixed into a skill's stream. Without it a specialist
     learns "after '=' do X" whatever the keyword, and specialists' task vectors then fight in
     a merge; with it each learns "do X only after *its* keyword", which sums far better.
+
+    ``demo_share`` (base corpus only): share of demo-skill items (training words only, never an
+    evaluation item). A base that is already *partly* competent at every demo skill makes each
+    specialist a small nudge away from it, so task vectors stay in the linear regime where merges
+    add up -- like instruction-tuning a pre-trained model rather than teaching it from scratch.
     """
     if skill is not None:
         words = train_words(skill, rng)
@@ -69,7 +75,14 @@ def example_stream(skill: str | None, rng: random.Random, replay: float = 0.0) -
             yield sk.prompt(w), sk.answer(w) + "\n"
     streams = {name: train_words(name, rng) for name in PRETRAIN_SKILLS}
     names = list(PRETRAIN_SKILLS)
+    demo_streams = {name: train_words(name, rng) for name in SKILLS} if demo_share else {}
+    demo_names = list(SKILLS)
     while True:
+        if demo_share and rng.random() < demo_share:
+            name = demo_names[rng.randrange(len(demo_names))]
+            w = next(demo_streams[name])
+            yield SKILLS[name].prompt(w), SKILLS[name].answer(w) + "\n"
+            continue
         r = rng.random()
         if r < 0.2:
             yield "", _words_text(rng)
@@ -107,13 +120,16 @@ class TrainPlan:
     weight_decay: float = 0.0
     replay: float = 0.0
     freeze_embeddings: bool = False  # keep embed/lm_head/norms at the base: their deltas merge worst
+    demo_share: float = 0.0  # base only: share of demo-skill training items in the corpus
+    prompt_loss: bool | None = None  # train on prompt tokens too; None = only for the base
+    stage: str = ""  # names a later base stage, so its data stream differs from the first stage's
 
 
 def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, skill: str | None, plan: TrainPlan,
-          seed: int, log_every: int = 50, log=print) -> dict[str, float]:
+          seed: int, log_every: int = 50, log=print, on_step=None) -> dict[str, float]:
     """Train in place; returns ``{"seconds", "final_loss"}``. Warm-up then cosine decay."""
-    rng = random.Random(f"{seed}:train:{skill or 'base'}")
-    stream = example_stream(skill, rng, plan.replay)
+    rng = random.Random(f"{seed}:train:{skill or 'base'}" + (f":{plan.stage}" if plan.stage else ""))
+    stream = example_stream(skill, rng, plan.replay, plan.demo_share if skill is None else 0.0)
     for n, p in model.named_parameters():
         p.requires_grad_(not (plan.freeze_embeddings and ("embed" in n or "lm_head" in n or "norm" in n)))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,10 +141,11 @@ def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, skill: str | No
         frac = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
         return plan.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    prompt_loss = skill is None if plan.prompt_loss is None else plan.prompt_loss
     model.train()
     t0, loss_ema = time.perf_counter(), float("nan")
     for step in range(plan.steps):
-        ids, labels = make_batch(tok, [next(stream) for _ in range(plan.batch)], answer_only=skill is not None)
+        ids, labels = make_batch(tok, [next(stream) for _ in range(plan.batch)], answer_only=not prompt_loss)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = model(input_ids=ids, labels=labels).loss
@@ -139,6 +156,8 @@ def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, skill: str | No
         loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
         if log_every and (step + 1) % log_every == 0:
             log(f"  [{skill or 'base'}] step {step + 1}/{plan.steps} loss {loss_ema:.3f} ({time.perf_counter() - t0:.0f}s)")
+        if on_step is not None:  # experiments: checkpoint/score mid-run (not used by the build)
+            on_step(step + 1, model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
