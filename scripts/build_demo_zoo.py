@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 
 
 def _plans(reduced: bool):
@@ -47,8 +47,9 @@ def _plans(reduced: bool):
             TrainPlan(steps=10, lr=2e-3, batch=16, warmup=2, demo_share=0.6, prompt_loss=False, stage="mid"), \
             TrainPlan(steps=10, lr=4e-4, batch=16, warmup=2, replay=0.3), 8
     return ModelSize(), TrainPlan(steps=1200, lr=3e-3, batch=64, warmup=50), \
-        TrainPlan(steps=300, lr=2e-3, batch=64, warmup=10, demo_share=0.6, prompt_loss=False, stage="mid"), \
-        TrainPlan(steps=200, lr=4e-4, batch=64, warmup=10, replay=0.3), None
+        TrainPlan(steps=300, lr=2e-3, batch=64, warmup=10, demo_share=0.6, prompt_loss=False, stage="mid",
+                  schedule_steps=600), \
+        TrainPlan(steps=150, lr=4e-4, batch=64, warmup=10, replay=0.3), None
 
 
 def sha256_file(path: Path) -> str:

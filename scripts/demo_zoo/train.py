@@ -123,6 +123,7 @@ class TrainPlan:
     demo_share: float = 0.0  # base only: share of demo-skill training items in the corpus
     prompt_loss: bool | None = None  # train on prompt tokens too; None = only for the base
     stage: str = ""  # names a later base stage, so its data stream differs from the first stage's
+    schedule_steps: int | None = None  # cosine schedule length; > steps stops early, while the lr is high
 
 
 def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, skill: str | None, plan: TrainPlan,
@@ -138,7 +139,7 @@ def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, skill: str | No
     def lr_at(step: int) -> float:
         if step < plan.warmup:
             return plan.lr * (step + 1) / plan.warmup
-        frac = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
+        frac = (step - plan.warmup) / max(1, (plan.schedule_steps or plan.steps) - plan.warmup)
         return plan.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     prompt_loss = skill is None if plan.prompt_loss is None else plan.prompt_loss
