@@ -27,13 +27,17 @@ def main(argv: list[str]) -> int:
         print(label.ljust(28) + "".join(f"{s[n]:9.3f}" for n in names) + f"{mean(s):9.3f}")
     uniform = rows.get("uniform")
     best_source = max((mean(s) for k, s in rows.items() if k.startswith("source:")), default=float("nan"))
-    winners = []
+    winners, scored = [], []
     for e in view.front_evaluations():
         held = view.heldout.get(e.id)
         if not held or uniform is None:
             continue
+        scored.append((mean(held), e.id, held))
         if all(held[n] > uniform[n] for n in names) and mean(held) > best_source:
             winners.append((mean(held), e.id, held))
+    print("\nfront members with the best held-out mean")
+    for m, eid, held in sorted(scored, reverse=True)[:3]:
+        print(eid.ljust(28) + "".join(f"{held[n]:9.3f}" for n in names) + f"{m:9.3f}")
     print(f"\nfront members beating the uniform average on every skill and every source on the mean "
           f"({best_source:.3f}), held-out: {len(winners)}")
     for m, eid, held in sorted(winners, reverse=True)[:5]:

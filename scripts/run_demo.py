@@ -6,7 +6,8 @@
 1. ``scripts/build_demo_zoo.py --skip-existing`` when a model of ``configs/demo.yaml`` is
    missing (CPU, offline, a few minutes the first time);
 2. ``evomerge search configs/demo.yaml`` (a finished identical run is not searched again);
-3. ``evomerge status <run dir>``: the Pareto front, with selection and heldout scores.
+3. ``evomerge status <run dir>``: the Pareto front, with selection and heldout scores;
+4. ``scripts/demo_report.py <run dir>``: the front against the uniform average and each specialist.
 
 Runs from any directory (it works in the repository root) and never touches the network.
 """
@@ -49,7 +50,12 @@ def main(argv: list[str]) -> int:
     rc = subprocess.call([*evomerge, "search", str(CONFIG.relative_to(ROOT)), *argv], env=env)
     if rc != 0:
         return rc
-    return subprocess.call([*evomerge, "status", run_dir], env=env)
+    rc = subprocess.call([*evomerge, "status", run_dir], env=env)
+    if rc != 0:
+        return rc
+    # The demo's verdict: the front against the uniform average and the specialists, held out.
+    subprocess.call([sys.executable, "scripts/demo_report.py", run_dir], env=env)
+    return 0
 
 
 if __name__ == "__main__":
