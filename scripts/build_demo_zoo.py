@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-ZOO_VERSION = 3
+ZOO_VERSION = 4
 
 
 def _plans(reduced: bool):
@@ -41,15 +41,17 @@ def _plans(reduced: bool):
     # stage where 60% of items are demo skills (training words only), stopped while the base is
     # only partly competent (~30-50% exact match). Specialists are then small, low-lr nudges
     # (||delta||/||W|| ~5%) in the linear regime where task vectors add up; a base that knew
-    # nothing of the skills made ~40% deltas that cancelled each other in every merge.
+    # nothing of the skills made ~40% deltas that cancelled each other in every merge. Specialists
+    # replay 30% of the base's last corpus (which holds all demo skills) to limit forgetting, as
+    # instruction-tuned models replay pre-training data; their own skill is the other 70%.
     if reduced:
         return ModelSize(hidden=32, layers=2, heads=2, intermediate=64), TrainPlan(steps=30, lr=3e-3, batch=16, warmup=5), \
             TrainPlan(steps=10, lr=2e-3, batch=16, warmup=2, demo_share=0.6, prompt_loss=False, stage="mid"), \
-            TrainPlan(steps=10, lr=4e-4, batch=16, warmup=2, replay=0.3), 8
+            TrainPlan(steps=10, lr=4e-4, batch=16, warmup=2, replay=0.3, demo_share=0.6), 8
     return ModelSize(), TrainPlan(steps=1200, lr=3e-3, batch=64, warmup=50), \
         TrainPlan(steps=300, lr=2e-3, batch=64, warmup=10, demo_share=0.6, prompt_loss=False, stage="mid",
                   schedule_steps=600), \
-        TrainPlan(steps=150, lr=4e-4, batch=64, warmup=10, replay=0.3), None
+        TrainPlan(steps=150, lr=4e-4, batch=64, warmup=10, replay=0.3, demo_share=0.6), None
 
 
 def sha256_file(path: Path) -> str:

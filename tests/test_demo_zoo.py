@@ -157,7 +157,8 @@ def test_lm_eval_cli_scores_task_from_repo_root(zoos, tmp_path):
 
 def test_base_corpus_demo_share_uses_training_words_only():
     """Mid-training mixes demo skills into the base corpus at about ``demo_share``, never an eval item;
-    a specialist's replay stream (demo_share 0) holds no demo skill at all."""
+    a specialist's replay is that same corpus: 30% replay at demo_share 0.6 gives ~18% demo items (any
+    skill, training words only) and the rest is the specialist's own skill."""
     import random
 
     from demo_zoo.train import example_stream
@@ -171,6 +172,12 @@ def test_base_corpus_demo_share_uses_training_words_only():
         name, word = p[:-1].split(" ")
         assert ds.split_of(name, word) == "train"
         assert a == ds.SKILLS[name].answer(word) + "\n"
-    replay = example_stream("sort", random.Random(0), replay=0.5)
-    others = [p for p, _ in (next(replay) for _ in range(2000)) if p.startswith(("upper ", "shift "))]
-    assert others == []
+    replay = example_stream("sort", random.Random(0), replay=0.3, demo_share=0.6)
+    items = [next(replay) for _ in range(4000)]
+    own = [p for p, _ in items if p.startswith("sort ")]
+    others = [(p, a) for p, a in items if p.startswith(("upper ", "shift "))]
+    assert 0.12 * 2 / 3 < len(others) / len(items) < 0.24 * 2 / 3  # ~18% demo replay, 2/3 of it other skills
+    assert 0.70 < len(own) / len(items) < 0.82
+    for p, a in others:
+        name, word = p[:-1].split(" ")
+        assert ds.split_of(name, word) == "train" and a == ds.SKILLS[name].answer(word) + "\n"

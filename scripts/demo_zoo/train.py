@@ -58,14 +58,14 @@ def example_stream(skill: str | None, rng: random.Random, replay: float = 0.0,
     learns "after '=' do X" whatever the keyword, and specialists' task vectors then fight in
     a merge; with it each learns "do X only after *its* keyword", which sums far better.
 
-    ``demo_share`` (base corpus only): share of demo-skill items (training words only, never an
+    ``demo_share``: share of demo-skill items in the base corpus, and so in a specialist's replay (training words only, never an
     evaluation item). A base that is already *partly* competent at every demo skill makes each
     specialist a small nudge away from it, so task vectors stay in the linear regime where merges
     add up -- like instruction-tuning a pre-trained model rather than teaching it from scratch.
     """
     if skill is not None:
         words = train_words(skill, rng)
-        base = example_stream(None, rng)
+        base = example_stream(None, rng, demo_share=demo_share)  # replay = the base's own last corpus
         sk = SKILLS[skill]
         while True:
             if replay and rng.random() < replay:
@@ -120,7 +120,7 @@ class TrainPlan:
     weight_decay: float = 0.0
     replay: float = 0.0
     freeze_embeddings: bool = False  # keep embed/lm_head/norms at the base: their deltas merge worst
-    demo_share: float = 0.0  # base only: share of demo-skill training items in the corpus
+    demo_share: float = 0.0  # share of demo-skill training items in the base corpus (specialists: in their replay)
     prompt_loss: bool | None = None  # train on prompt tokens too; None = only for the base
     stage: str = ""  # names a later base stage, so its data stream differs from the first stage's
     schedule_steps: int | None = None  # cosine schedule length; > steps stops early, while the lr is high
@@ -130,7 +130,7 @@ def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, skill: str | No
           seed: int, log_every: int = 50, log=print, on_step=None) -> dict[str, float]:
     """Train in place; returns ``{"seconds", "final_loss"}``. Warm-up then cosine decay."""
     rng = random.Random(f"{seed}:train:{skill or 'base'}" + (f":{plan.stage}" if plan.stage else ""))
-    stream = example_stream(skill, rng, plan.replay, plan.demo_share if skill is None else 0.0)
+    stream = example_stream(skill, rng, plan.replay, plan.demo_share)
     for n, p in model.named_parameters():
         p.requires_grad_(not (plan.freeze_embeddings and ("embed" in n or "lm_head" in n or "norm" in n)))
     params = [p for p in model.parameters() if p.requires_grad]
