@@ -35,14 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-BIN = Path(sys.executable).parent
+from offline_env import BIN, ROOT  # noqa: E402  (sets the offline environment)
 
 SHAPES = {
     # ~297M parameters: 2 x 32.8M embeddings + 18 x 12.85M layers
