@@ -313,3 +313,30 @@ def test_no_base_linear_merge(tiny_models, tmp_path):
         want = sum(w * f[name].double() for w, f in zip(W_LIN, files)) / sum(W_LIN)
         assert torch.allclose(model.state_dict()[name].double(), want, atol=2e-6), name
     _assert_bitwise(model, _files_state(merge_to_folder(recipe, tmp_path / "nobase")))
+
+
+def test_fused_hot_path_equals_export_bit_for_bit(tiny_models, merged, tmp_path):
+    """The compiled one-pass kernel (ties, breadcrumbs, task_arithmetic) writes the very bits
+    the eager export writes, next to eager groups (linear, dare_ties) and with bf16 output."""
+    from evomerge.merge.materialise import InPlaceMerger, merge_to_folder
+
+    s = tiny_models.source_refs
+    per = lambda **p: {x: {k: v[i] for k, v in p.items()} for i, x in enumerate(s)}  # noqa: E731
+    recipe = _recipe(
+        tiny_models,
+        **{"layers.0": GroupRecipe(method="ties", source_params=per(weight=W_LIN, density=[0.3, 0.5, 0.9])),
+           "layers.2": GroupRecipe(method="breadcrumbs_ties", source_params=per(
+               weight=W_TA, density=[0.6, 0.5, 0.9], gamma=[0.05, 0.0, 0.1]), params={"normalize": True}),
+           "layers.3": GroupRecipe(method="dare_ties", source_params=per(weight=W_TA, density=[0.5, 0.5, 0.5])),
+           "embed": GroupRecipe(method="breadcrumbs", source_params=per(
+               weight=W_LIN, density=[0.4, 0.7, 0.2], gamma=[0.01, 0.02, 0.0]), params={"lambda": 0.8})})
+    model = _live_model(tiny_models.base)
+    fused_merger = InPlaceMerger(model, merged.ms, device="cpu", fused=True)
+    assert not InPlaceMerger(_live_model(tiny_models.base), merged.ms, device="cpu").fused  # tiny: auto is off
+    for dtype in ("float32", "bfloat16"):
+        r = recipe.model_copy(update={"dtype": dtype, "seed": 3})
+        timings = fused_merger.apply(r)
+        # default (TA) + layers.0/2 (ties) + embed (breadcrumbs); linear and dare_ties stay eager
+        assert 0 < timings["fused_tensors"] < timings["tensors"]
+        state = {k: v.to(model.dtype) for k, v in _files_state(merge_to_folder(r, tmp_path / dtype)).items()}
+        _assert_bitwise(model, state)

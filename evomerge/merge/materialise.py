@@ -204,11 +204,18 @@ class InPlaceMerger:
     tensors; ``presort=False`` turns it off. ``threads``: torch intra-op threads while
     merging (default: leave torch's setting); on a busy CPU 1 thread can be several
     times faster than OpenMP's fork/join over shared cores.
+
+    ``fused``: merge task_arithmetic / TIES / breadcrumbs tensors with the compiled
+    one-pass kernel of :mod:`evomerge.merge.fused` (same bits, several times faster; the
+    first candidate pays the compile). Default: on when merging on CPU in float32/64 a
+    model set with at least ``FUSED_AUTO_MIN_ELEMENTS`` task-vector elements, where the
+    compile pays for itself within a few dozen candidates. Not yet the default on GPU:
+    its Triton path has not been measured.
     """
 
     def __init__(self, model: "torch.nn.Module", model_set: "ModelSet", *, device: "str | torch.device",
                  compute_dtype: "str | torch.dtype" = "float32", task_vectors_on: str = "device",
-                 presort: bool | None = None, threads: int | None = None) -> None:
+                 presort: bool | None = None, threads: int | None = None, fused: bool | None = None) -> None:
         import torch
 
         t0 = time.perf_counter()
@@ -265,12 +272,20 @@ class InPlaceMerger:
                 if pin:
                     base, deltas = base.pin_memory(), deltas.pin_memory()
                 self._entries.append(_Entry(name, model_set.groups[name], target, base, deltas))
+        self.fused = self._fused_default() if fused is None else bool(fused)
         written = set(claimed)
         for pname, p in model.named_parameters():
             if p.data_ptr() not in written:
                 raise SourceError(f"the live model's parameter {pname!r} is in none of the models' files; "
                                   f"build the live model from the same architecture")
         self.setup_s = time.perf_counter() - t0
+
+    def _fused_default(self) -> bool:
+        import torch
+
+        elements = sum(e.deltas.numel() for e in self._entries)
+        return (self.device.type == "cpu" and self.compute_dtype in (torch.float32, torch.float64)
+                and elements >= FUSED_AUTO_MIN_ELEMENTS)
 
     @property
     def num_tensors(self) -> int:
@@ -294,7 +309,8 @@ class InPlaceMerger:
         return e.prepared
 
     def apply(self, recipe: MergeRecipe) -> dict[str, float]:
-        """Merge ``recipe`` into the live model in place; returns ``{"merge_s", "tensors"}``."""
+        """Merge ``recipe`` into the live model in place; returns ``{"merge_s", "tensors",
+        "fused_tensors"}`` (how many went through the compiled kernel)."""
         import torch
 
         merge_tensor = _methods().merge_tensor
@@ -314,6 +330,7 @@ class InPlaceMerger:
                 plan = plans[key] = plan_group(recipe, key)
                 methods.check_params(plan.method, plan.source_params, plan.params, f"recipe group {key!r}")
         threads = torch.get_num_threads()
+        fused_count = 0
         try:
             if self.threads is not None:
                 torch.set_num_threads(self.threads)
@@ -331,6 +348,9 @@ class InPlaceMerger:
                         deltas = deltas.index_select(0, select)
                         if prepared is not None:
                             prepared = prepared.select(idx)
+                    if self.fused and self._merge_fused(e, plan, base, deltas, prepared, recipe.seed, out_dtype):
+                        fused_count += 1
+                        continue
                     merged = merge_tensor(plan.method, base, deltas, plan.source_params, plan.params,
                                           seed=recipe.seed, tensor_name=e.name, prepared=prepared,
                                           workspace=self._workspace)
@@ -342,7 +362,31 @@ class InPlaceMerger:
         finally:
             if self.threads is not None:
                 torch.set_num_threads(threads)
-        return {"merge_s": time.perf_counter() - t0, "tensors": float(len(self._entries))}
+        return {"merge_s": time.perf_counter() - t0, "tensors": float(len(self._entries)),
+                "fused_tensors": float(fused_count)}
+
+
+    def _merge_fused(self, e: _Entry, plan: GroupPlan, base: "torch.Tensor", deltas: "torch.Tensor",
+                     prepared: Any, seed: int, out_dtype: "torch.dtype") -> bool:
+        """One tensor through the compiled kernel, written straight into the live parameter;
+        False (nothing written) when the kernel does not cover this case."""
+        from evomerge.merge import fused
+
+        if plan.method not in fused.FUSED_METHODS:
+            return False
+        methods = _methods()
+        methods.check_source_count(plan.method, deltas.shape[0], e.name)
+        kwargs = methods.method_arguments(plan.method, deltas.shape[0], plan.source_params, plan.params,
+                                          seed=seed, tensor_name=e.name)
+        call = fused.prepare_call(plan.method, base, deltas, kwargs, prepared.orders if prepared else None)
+        if call is None:
+            return False
+        round_to = out_dtype if out_dtype not in (e.target.dtype, self.compute_dtype) else None
+        return fused.shared_merger().merge_into(e.target, call, round_to)
+
+
+#: Task-vector elements (all sources) from which ``InPlaceMerger`` fuses by default.
+FUSED_AUTO_MIN_ELEMENTS = 2**24
 
 
 # -- streamed to a folder --------------------------------------------------------------------

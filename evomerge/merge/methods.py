@@ -294,12 +294,44 @@ def merge_tensor(
     if deltas.dtype != base.dtype or deltas.device != base.device:
         raise ValueError(f"{tensor_name}: base and deltas must share dtype and device")
     n = deltas.shape[0]
+    check_source_count(m, n, tensor_name)
+
+    kwargs = method_arguments(m, n, source_params, params, seed=seed, tensor_name=tensor_name)
+    if base.numel() == 0:
+        return base.clone()
+    if _takes_scratch(m.fn):
+        if prepared is not None and (len(prepared.orders) != n or any(
+                o.numel() != base.numel() for o in prepared.orders)):
+            raise ValueError(f"{tensor_name}: prepared deltas do not match the deltas' sources or size")
+        kwargs[_CTX_ARG] = _Scratch(workspace or Workspace(), prepared.orders if prepared is not None else None)
+    return m.fn(base, deltas, **kwargs)
+
+
+def check_source_count(method: str | MergeMethod, n: int, tensor_name: str) -> None:
+    """A :class:`MethodError` when ``method`` cannot merge ``n`` sources."""
+    m = get_method(method)
     if n < m.min_sources or (m.max_sources is not None and n > m.max_sources):
         raise MethodError(f"tensor {tensor_name}: method {m.name!r} {_source_count_rule(m)}, got {n}")
 
+
+def method_arguments(
+    method: str | MergeMethod,
+    n: int,
+    source_params: Mapping[str, Tensor | Sequence[float] | float],
+    params: Mapping[str, Any],
+    *,
+    seed: int,
+    tensor_name: str,
+) -> dict[str, Any]:
+    """The keyword arguments ``method``'s function gets for one tensor with ``n`` sources:
+    per-source lists, method-level values (defaults filled in), and random methods' seeds.
+
+    Checked first (unknown or misplaced parameters, ranges): a :class:`MethodError`.
+    Shared by :func:`merge_tensor` and the fused hot path, so both read a recipe alike.
+    """
+    m = get_method(method)
     per_source = {k: _per_source_values(v, n, k, tensor_name) for k, v in source_params.items()}
     check_params(m, per_source, params, where=f"tensor {tensor_name}")
-
     kwargs: dict[str, Any] = {}
     for key, default in m.source_params.items():
         kwargs[m._arg_names[key]] = per_source.get(key, [default] * n)
@@ -308,14 +340,7 @@ def merge_tensor(
         kwargs[m._arg_names[key]] = bool(value) if isinstance(default, bool) else float(value)
     if m.random:
         kwargs[_SEEDS_ARG] = [rng.tensor_seed(seed, tensor_name, i) for i in range(n)]
-    if base.numel() == 0:
-        return base.clone()
-    if _takes_scratch(m.fn):
-        if prepared is not None and (len(prepared.sorted_abs) != n or any(
-                s.numel() != base.numel() or s.dtype != base.dtype for s in prepared.sorted_abs)):
-            raise ValueError(f"{tensor_name}: prepared deltas do not match the deltas' sources, size or dtype")
-        kwargs[_CTX_ARG] = _Scratch(workspace or Workspace(), prepared.sorted_abs if prepared is not None else None)
-    return m.fn(base, deltas, **kwargs)
+    return kwargs
 
 
 @functools.lru_cache(maxsize=None)
@@ -370,54 +395,127 @@ class Workspace:
 
 
 class PreparedDeltas:
-    """What candidates never change about one tensor's task vectors: each |delta_i|, sorted.
+    """What candidates never change about one tensor's task vectors: each |delta_i|'s rank order.
 
-    Why: rank-based sparsifiers (TIES, breadcrumbs) need order statistics of |delta_i|
-    at a density every candidate changes. With the magnitudes sorted once, a threshold
-    is an index lookup and its tie count a binary search, instead of a selection over
-    the whole tensor per candidate. The values are exactly those a selection returns,
-    so results are bit-identical with or without this. Costs one task vector's memory
-    (in the deltas' dtype) per source.
+    Why: rank-based sparsifiers (TIES, breadcrumbs) keep the elements whose magnitude
+    rank falls in a window that every candidate moves (through density / gamma). With
+    the order kept - flat element indices sorted by (|delta|, index), the very ranking
+    the selection uses - a window's edges are two lookups, and the fused hot path can
+    test membership element by element in one pass, ties included, instead of selecting
+    over the whole tensor per candidate. Results are bit-identical with or without this.
+    Costs one int32 (int64 past 2**31 elements) per task-vector element.
     """
 
-    def __init__(self, sorted_abs: Sequence[Tensor]) -> None:
-        self.sorted_abs = list(sorted_abs)
+    def __init__(self, orders: Sequence[Tensor]) -> None:
+        self.orders = list(orders)
 
     @classmethod
     def build(cls, deltas: Tensor) -> "PreparedDeltas":
-        return cls([sorted_magnitudes(deltas[i]) for i in range(deltas.shape[0])])
+        return cls([magnitude_order(deltas[i]) for i in range(deltas.shape[0])])
 
     def select(self, index: Sequence[int]) -> "PreparedDeltas":
         """The same, for the sources picked (in this order) by ``index``."""
-        return PreparedDeltas([self.sorted_abs[i] for i in index])
+        return PreparedDeltas([self.orders[i] for i in index])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PreparedDeltas":
-        return PreparedDeltas([s.to(device, non_blocking=non_blocking) for s in self.sorted_abs])
+        return PreparedDeltas([o.to(device, non_blocking=non_blocking) for o in self.orders])
 
     def pin_memory(self) -> "PreparedDeltas":
-        return PreparedDeltas([s.pin_memory() for s in self.sorted_abs])
+        return PreparedDeltas([o.pin_memory() for o in self.orders])
 
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.sorted_abs)
+        return sum(o.numel() * o.element_size() for o in self.orders)
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_BITS_AS_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def sorted_magnitudes(x: Tensor) -> Tensor:
-    """Flat ascending |x| in x's dtype (NaN last, as kthvalue ranks it).
+def magnitude_order(x: Tensor) -> Tensor:
+    """Flat indices of ``x`` by ascending |x|, equal magnitudes by index (NaN last).
 
-    On CPU numpy's SIMD sort is ~25x faster than torch.sort; 16-bit floats are sorted
-    as int16 bit patterns, which order non-negative floats exactly as their values.
+    int32 when the tensor has fewer than 2**31 elements, else int64. On CPU the
+    (magnitude bits, index) pairs are packed into one int64 and sorted with numpy's SIMD
+    sort, ~20x faster than a stable argsort: the bit patterns of non-negative floats
+    order exactly as their values, and NaN's pattern sorts after +inf's.
     """
     mag = x.detach().abs().reshape(-1)
-    if mag.device.type == "cpu":
-        view = mag.view(torch.int16) if mag.dtype in _SIXTEEN_BIT else mag
-        view.numpy().sort()  # in place: mag is a fresh tensor
-        return mag
-    if mag.dtype in _SIXTEEN_BIT:
-        return torch.sort(mag.float()).values.to(mag.dtype)
-    return torch.sort(mag).values
+    n = mag.numel()
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    if mag.device.type == "cpu" and mag.dtype in _BITS_AS_INT and n < 2**32:
+        import numpy as np
+
+        key = mag.view(_BITS_AS_INT[mag.dtype]).numpy().astype(np.int64) << 32
+        key |= np.arange(n, dtype=np.int64)
+        key.sort()
+        return torch.from_numpy((key & 0xFFFFFFFF).astype(np.int32 if n < 2**31 else np.int64))
+    ranked = mag.float() if mag.dtype in _SIXTEEN_BIT else mag
+    return torch.sort(ranked, stable=True).indices.to(index_dtype)
+
+
+@dataclass(frozen=True)
+class WindowEdges:
+    """Where a rank window [lo, hi) of a flat magnitude tensor starts and ends.
+
+    ``lo_value``/``lo_index``: magnitude and element index of rank ``lo`` (None when the
+    window starts at rank 0); ``hi_value``/``hi_index`` the same for rank ``hi - 1``
+    (None when it ends at the top). Since ranks order by (magnitude, index), element j
+    is in the window exactly when (|x_j|, j) lies between the two edges' pairs:
+    ``|x_j| > lo_value or (|x_j| == lo_value and j >= lo_index)``, and likewise below.
+    ``lo_shared``/``hi_shared``: whether equal magnitudes fall on both sides of the edge,
+    i.e. whether the index part of the test matters at all.
+    """
+
+    lo_value: float | None
+    lo_index: int
+    lo_shared: bool
+    hi_value: float | None
+    hi_index: int
+    hi_shared: bool
+
+
+def window_edges(x: Tensor, order: Tensor, lo: int, hi: int) -> WindowEdges | None:
+    """The edges of magnitude ranks [lo, hi) (0 <= lo < hi <= numel) of flat ``x`` (or of
+    |x|), sorted by ``order`` (see :func:`magnitude_order`); reads only the few elements at
+    the edges. None when an edge's magnitude is NaN (rank it by selection)."""
+    n = x.numel()
+    lo_value = hi_value = None
+    lo_index = lo_shared = hi_index = hi_shared = 0
+    probes = ([lo - 1, lo] if lo > 0 else []) + ([hi - 1, hi] if hi < n else [])
+    if not probes:
+        return WindowEdges(None, 0, False, None, n, False)
+    at = order[torch.tensor(probes, device=order.device)].to(torch.int64)
+    values = x[at].abs().tolist()
+    indices = at.tolist()
+    if any(math.isnan(v) for v in values):
+        return None
+    if lo > 0:
+        below, lo_value = values[0], values[1]
+        lo_index, lo_shared = indices[1], below == lo_value
+        values, indices = values[2:], indices[2:]
+    if hi < n:
+        hi_value, above = values[0], values[1]
+        hi_index, hi_shared = indices[0], above == hi_value
+    return WindowEdges(lo_value, lo_index, bool(lo_shared), hi_value, hi_index, bool(hi_shared))
+
+
+def magnitude_window(numel: int, density: float) -> tuple[int, int]:
+    """TIES trim as a rank window: the ``max(1, int(density * numel))`` largest magnitudes
+    (all of them when density >= 1)."""
+    if density >= 1:
+        return 0, numel
+    return numel - max(1, int(density * numel)), numel
+
+
+def outlier_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs as a rank window: ``int(density * numel)`` magnitudes kept after the
+    ``int(gamma * numel)`` largest are dropped (the top cut shrinks when both do not fit;
+    all of them when density >= 1)."""
+    if density >= 1:
+        return 0, numel
+    target = int(density * numel)
+    n_bot = max(0, numel - target - int(gamma * numel))
+    return n_bot, n_bot + target
 
 
 @dataclass
@@ -425,7 +523,7 @@ class _Scratch:
     """What a GTA method needs besides its parameters (see merge_tensor)."""
 
     ws: Workspace
-    sorted_abs: Sequence[Tensor] | None = None
+    orders: Sequence[Tensor] | None = None
 
 
 _CTX_ARG = "scratch"
@@ -460,16 +558,43 @@ def _order_stats(mag: Tensor, ks: Sequence[int]) -> list[float]:
     return (stats.view(mag.dtype) if bits else stats).tolist()
 
 
-def _rank_window(mag: Tensor, lo: int, hi: int, sorted_mag: Tensor | None = None,
+def _edges_by_selection(mag: Tensor, lo: int, hi: int) -> WindowEdges | None:
+    """:class:`WindowEdges` without a presorted order: order statistics, then the index of
+    the edge element among its equals (only when equal magnitudes straddle the edge).
+    None when an edge's magnitude is NaN."""
+    n = mag.numel()
+    ks = ([lo - 1, lo] if lo > 0 else []) + ([hi - 1, hi] if hi < n else [])
+    values = _order_stats(mag, ks)
+    if any(math.isnan(v) for v in values):
+        return None
+    lo_value = hi_value = None
+    lo_index, hi_index, lo_shared, hi_shared = 0, n, False, False
+
+    def index_of_rank(value: float, rank: int) -> int:
+        equal = torch.nonzero(mag == value).reshape(-1)
+        first = int((mag < value).sum())  # rank of the first element equal to value
+        return int(equal[rank - first])
+
+    if lo > 0:
+        lo_value, lo_shared = values[1], values[0] == values[1]
+        lo_index = index_of_rank(lo_value, lo) if lo_shared else 0
+        values = values[2:]
+    if hi < n:
+        hi_value, hi_shared = values[0], values[0] == values[1]
+        hi_index = index_of_rank(hi_value, hi - 1) if hi_shared else n
+    return WindowEdges(lo_value, lo_index, lo_shared, hi_value, hi_index, hi_shared)
+
+
+def _rank_window(mag: Tensor, lo: int, hi: int, order: Tensor | None = None,
                  out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
-    """Boolean mask of the elements of flat ``mag`` whose ascending rank is in [lo, hi).
+    """Mask of the elements of flat ``mag`` whose ascending rank is in [lo, hi).
 
     Ranks order by value, equal values by element index, so the kept count is exactly
-    ``hi - lo`` and the choice is the same on every device. The two threshold values
-    come from ``sorted_mag`` (``mag`` sorted, see :class:`PreparedDeltas`) when given,
-    else from a linear-time selection (a full sort per call is ~10x slower on CPU).
-    ``out``/``scratch``: buffers shaped like ``mag`` to write into (no allocation); a
-    floating ``out`` gets a 1/0 mask, which multiplies ~3x faster than a bool one.
+    ``hi - lo`` and the choice is the same on every device. The edges come from
+    ``order`` (see :class:`PreparedDeltas`) when given, else from a linear-time
+    selection (a full sort per call is ~10x slower on CPU). ``out``/``scratch``: buffers
+    shaped like ``mag`` to write into (no allocation); a floating ``out`` gets a 1/0
+    mask, which multiplies ~3x faster than a bool one.
     """
     n = mag.numel()
     lo, hi = max(0, lo), min(n, hi)
@@ -478,46 +603,39 @@ def _rank_window(mag: Tensor, lo: int, hi: int, sorted_mag: Tensor | None = None
         return keep.zero_()
     if lo == 0 and hi == n:
         return keep.fill_(1)
-    ks = [k for k, inner in ((lo, lo > 0), (hi - 1, hi < n)) if inner]
-    below: dict[float, int] = {}  # threshold value -> #elements strictly below it
-    inclusive: dict[float, bool] = {}
-    if sorted_mag is not None:
-        values = [float(sorted_mag[k]) for k in ks]
-        for v in values:
-            if math.isnan(v):  # NaN thresholds: binary search is meaningless; select instead
-                sorted_mag = None
-                break
-    if sorted_mag is not None:
-        probe = sorted_mag.new_tensor(values)
-        left = torch.searchsorted(sorted_mag, probe, side="left").tolist()
-        right = torch.searchsorted(sorted_mag, probe, side="right").tolist()
-        for v, a, b in zip(values, left, right):
-            below[v] = a
-            # A value held by one element only: its rank is `a`, the index it was read
-            # at, inside [lo, hi) - so an inclusive comparison keeps exactly it.
-            inclusive[v] = b - a == 1
-    else:
-        values = _order_stats(mag, ks)
-    v_lo = values[0] if lo > 0 else None
-    v_hi = values[-1] if hi < n else None
-    # Strictly inside the two threshold values (or inclusive of a unique one): kept
-    # whatever the tie order.
-    if v_lo is not None:
-        (torch.ge if inclusive.get(v_lo) else torch.gt)(mag, v_lo, out=keep)
-    if v_hi is not None:
-        if v_lo is None:
-            (torch.le if inclusive.get(v_hi) else torch.lt)(mag, v_hi, out=keep)
+    e = window_edges(mag, order, lo, hi) if order is not None else _edges_by_selection(mag, lo, hi)
+    if e is None:
+        return _rank_window_nan(mag, lo, hi, keep)
+    # Strictly inside the two edge values (or inclusive where no equal value lies outside
+    # the window): kept whatever the tie order.
+    if e.lo_value is not None:
+        (torch.gt if e.lo_shared else torch.ge)(mag, e.lo_value, out=keep)
+    if e.hi_value is not None:
+        if e.lo_value is None:
+            (torch.lt if e.hi_shared else torch.le)(mag, e.hi_value, out=keep)
         else:
             extra = torch.empty_like(keep) if scratch is None else scratch
-            (torch.le if inclusive.get(v_hi) else torch.lt)(mag, v_hi, out=extra)
+            (torch.lt if e.hi_shared else torch.le)(mag, e.hi_value, out=extra)
             keep.logical_and_(extra) if keep.dtype == torch.bool else keep.mul_(extra)
-    # Elements equal to a shared threshold: rank = (#elements below it) + (#equal ones
-    # before it in index order); usually few elements, so index lists beat a cumsum.
-    for v in {v for v in (v_lo, v_hi) if v is not None and not inclusive.get(v)}:
+    # Elements equal to a shared edge value: in the window by their index (usually few
+    # elements, so index lists beat a full-tensor test).
+    shared = {v for v, s in ((e.lo_value, e.lo_shared), (e.hi_value, e.hi_shared)) if s}
+    for v in shared:
         at = torch.nonzero(mag == v).reshape(-1)
-        first = below[v] if v in below else (mag < v).sum()
-        ranks = torch.arange(at.numel(), device=mag.device) + first
-        keep[at[(ranks >= lo) & (ranks < hi)]] = 1
+        ok = torch.ones_like(at, dtype=torch.bool)
+        if e.lo_value is not None and v <= e.lo_value:
+            ok &= at >= e.lo_index
+        if e.hi_value is not None and v >= e.hi_value:
+            ok &= at <= e.hi_index
+        keep[at[ok]] = 1
+    return keep
+
+
+def _rank_window_nan(mag: Tensor, lo: int, hi: int, keep: Tensor) -> Tensor:
+    """Rank window when NaN magnitudes reach an edge: NaN ranks above +inf, by index."""
+    order = torch.sort(_ranking_view(mag), stable=True).indices
+    keep.zero_()
+    keep[order[lo:hi]] = 1
     return keep
 
 
@@ -544,11 +662,13 @@ def _keep_into(x: Tensor, keep: Tensor, out: Tensor | None) -> Tensor:
     return torch.mul(x, keep, out=out) if out is not None else x * keep
 
 
-def _sparsify_window(x: Tensor, lo: int, hi: int, rescale: bool, ws: Workspace, out: Tensor | None,
-                     sorted_abs: Tensor | None) -> Tensor:
-    mag = _abs_into(x, ws)
+def _sparsify_window(x: Tensor, window: tuple[int, int], rescale: bool, ws: Workspace, out: Tensor | None,
+                     order: Tensor | None) -> Tensor:
     n = x.numel()
-    keep = _rank_window(mag.reshape(-1), lo, hi, sorted_mag=sorted_abs,
+    if window == (0, n):
+        return x
+    mag = _abs_into(x, ws)
+    keep = _rank_window(mag.reshape(-1), *window, order=order,
                         out=ws.take("keep", (n,), x.dtype, x.device),
                         scratch=ws.take("keep2", (n,), x.dtype, x.device))
     masked = _keep_into(x, keep.view(x.shape), out)
@@ -556,30 +676,20 @@ def _sparsify_window(x: Tensor, lo: int, hi: int, rescale: bool, ws: Workspace, 
 
 
 def sparsify_magnitude(x: Tensor, density: float, rescale: bool = False, *, ws: Workspace | None = None,
-                       out: Tensor | None = None, sorted_abs: Tensor | None = None) -> Tensor:
+                       out: Tensor | None = None, order: Tensor | None = None) -> Tensor:
     """TIES trim: keep the ``max(1, int(density * numel))`` largest-magnitude entries.
 
-    ``out``: where to write (default: a new tensor); ``sorted_abs``: flat ascending |x|.
+    ``out``: where to write (default: a new tensor); ``order``: x's :func:`magnitude_order`.
     """
-    if density >= 1:
-        return x
-    n = x.numel()
-    k = max(1, int(density * n))
-    return _sparsify_window(x, n - k, n, rescale, ws or Workspace(), out, sorted_abs)
+    return _sparsify_window(x, magnitude_window(x.numel(), density), rescale, ws or Workspace(), out, order)
 
 
 def sparsify_outliers(x: Tensor, density: float, gamma: float, rescale: bool = False, *,
                       ws: Workspace | None = None, out: Tensor | None = None,
-                      sorted_abs: Tensor | None = None) -> Tensor:
+                      order: Tensor | None = None) -> Tensor:
     """Breadcrumbs: drop the ``int(gamma * numel)`` largest entries, then the smallest,
     keeping ``int(density * numel)`` (the top cut shrinks when both do not fit)."""
-    if density >= 1:
-        return x
-    n = x.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    return _sparsify_window(x, n_bot, n_bot + target, rescale, ws or Workspace(), out, sorted_abs)
+    return _sparsify_window(x, outlier_window(x.numel(), density, gamma), rescale, ws or Workspace(), out, order)
 
 
 def sparsify_bernoulli(x: Tensor, density: float, seed: int, rescale: bool = False, *,
@@ -683,8 +793,8 @@ def _task_arithmetic(
 _GTA_IGNORED = ("int8_mask",)  # mergekit memory option, no effect on results
 
 
-def _sorted(sc: _Scratch, i: int) -> Tensor | None:
-    return sc.sorted_abs[i] if sc.sorted_abs is not None else None
+def _order(sc: _Scratch, i: int) -> Tensor | None:
+    return sc.orders[i] if sc.orders is not None else None
 
 
 @merge_method("task_arithmetic", paper="https://arxiv.org/abs/2212.04089",
@@ -717,7 +827,7 @@ def ties(
     mergekit defaults: density=1.0, normalize=true, rescale=false, lambda=1.0.
     """
     trim = lambda i, d, out, sc: sparsify_magnitude(  # noqa: E731
-        d, density[i], rescale, ws=sc.ws, out=out, sorted_abs=_sorted(sc, i))
+        d, density[i], rescale, ws=sc.ws, out=out, order=_order(sc, i))
     return _task_arithmetic(base, deltas, weight, trim, True, normalize, lambda_, scratch)
 
 
@@ -781,7 +891,7 @@ def breadcrumbs(
     mergekit defaults: density=1.0, gamma=0.01, normalize=false, rescale=false, lambda=1.0.
     """
     band = lambda i, d, out, sc: sparsify_outliers(  # noqa: E731
-        d, density[i], gamma[i], rescale, ws=sc.ws, out=out, sorted_abs=_sorted(sc, i))
+        d, density[i], gamma[i], rescale, ws=sc.ws, out=out, order=_order(sc, i))
     return _task_arithmetic(base, deltas, weight, band, False, normalize, lambda_, scratch)
 
 
@@ -803,7 +913,7 @@ def breadcrumbs_ties(
     mergekit defaults: density=1.0, gamma=0.01, normalize=false, rescale=false, lambda=1.0.
     """
     band = lambda i, d, out, sc: sparsify_outliers(  # noqa: E731
-        d, density[i], gamma[i], rescale, ws=sc.ws, out=out, sorted_abs=_sorted(sc, i))
+        d, density[i], gamma[i], rescale, ws=sc.ws, out=out, order=_order(sc, i))
     return _task_arithmetic(base, deltas, weight, band, True, normalize, lambda_, scratch)
 
 

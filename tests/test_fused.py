@@ -1,0 +1,96 @@
+"""The fused hot-path kernel gives ``methods.merge_tensor``'s bits: over random cases with
+forced magnitude ties, exact zeros, -0.0, empty and full windows and negative weights -
+first the kernel's formula run eagerly (many cases, cheap), then compiled by Inductor
+(fewer cases: each new source count / variant compiles once per process)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from evomerge.merge import fused, methods
+
+INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
+
+
+def _case(trial: int, rnd: random.Random, n: int, method: str, dtype: torch.dtype = torch.float32):
+    shape = rnd.choice([(7,), (64,), (33, 17), (128, 40), (5, 3, 4), (1000,)])
+    gen = torch.Generator().manual_seed(trial)
+    base = torch.randn(shape, generator=gen) * 0.5
+    deltas = torch.randn((n, *shape), generator=gen) * 0.01
+    if rnd.random() < 0.5:
+        deltas = (deltas * 300).round() / 300  # many equal magnitudes: the index part of the window test matters
+    if rnd.random() < 0.3:
+        deltas[deltas.abs() < 0.002] = 0.0
+    if rnd.random() < 0.3:
+        deltas[deltas.abs() < 0.003] = -0.0
+    if rnd.random() < 0.2:
+        base[base.abs() < 0.3] = -0.0
+    sp: dict[str, list[float]] = {"weight": [rnd.choice([rnd.uniform(-1, 1.5), 1.0, 0.0]) for _ in range(n)]}
+    if method != "task_arithmetic":
+        sp["density"] = [rnd.choice([1.0, rnd.uniform(0.0005, 0.95)]) for _ in range(n)]
+    if method.startswith("breadcrumbs"):
+        sp["gamma"] = [rnd.choice([0.0, rnd.uniform(0, 0.3)]) for _ in range(n)]
+    params = {"normalize": rnd.random() < 0.5, "lambda": rnd.choice([1.0, 0.7])}
+    return base.to(dtype), deltas.to(dtype), sp, params
+
+
+def _check(merger: fused.FusedMerger, method: str, base, deltas, sp, params, trial: int,
+           out_dtype: torch.dtype | None = None) -> bool:
+    plain = methods.merge_tensor(method, base, deltas, sp, params, seed=trial, tensor_name="t")
+    if out_dtype is not None:  # rounded as the exported file is, widened into the float32 live model
+        plain = plain.to(out_dtype).to(base.dtype)
+    kwargs = methods.method_arguments(method, deltas.shape[0], sp, params, seed=trial, tensor_name="t")
+    prepared = methods.PreparedDeltas.build(deltas)
+    call = fused.prepare_call(method, base, deltas, kwargs, prepared.orders)
+    assert call is not None, (trial, method)
+    target = torch.full(base.shape, float("nan"), dtype=plain.dtype)
+    assert merger.merge_into(target, call, round_to=out_dtype)
+    iv = INT_VIEW[plain.dtype]
+    return torch.equal(plain.view(iv), target.view(iv))
+
+
+@pytest.mark.parametrize("method", sorted(fused.FUSED_METHODS))
+def test_kernel_formula_equals_eager_methods(method):
+    torch.set_num_threads(1)
+    eager = fused.FusedMerger(compile=False)
+    rnd = random.Random(hash(method) % 1000)
+    for trial in range(120):
+        n = rnd.randint(1, 5)
+        dtype = torch.float64 if trial % 7 == 0 else torch.float32
+        base, deltas, sp, params = _case(trial, rnd, n, method, dtype)
+        assert _check(eager, method, base, deltas, sp, params, trial), (trial, method, n, dtype)
+
+
+def test_compiled_kernel_is_bit_identical_to_eager_methods():
+    merger = fused.FusedMerger()
+    rnd = random.Random(7)
+    checked = 0
+    for trial in range(48):
+        method = ["ties", "task_arithmetic", "breadcrumbs_ties", "breadcrumbs"][trial % 4]
+        base, deltas, sp, params = _case(trial, rnd, 3, method)
+        out_dtype = torch.bfloat16 if trial % 8 == 1 else None
+        assert _check(merger, method, base, deltas, sp, params, trial, out_dtype), (trial, method, out_dtype)
+        checked += 1
+    assert merger.available and checked == 48
+
+
+def test_cases_the_kernel_leaves_to_eager():
+    base, deltas = torch.zeros(10), torch.randn(2, 10)
+    orders = methods.PreparedDeltas.build(deltas).orders
+    args = lambda m, sp, p: methods.method_arguments(m, 2, sp, p, seed=0, tensor_name="t")  # noqa: E731
+    sparse = {"weight": [1.0, 1.0], "density": [0.5, 0.5]}
+    assert fused.prepare_call("dare_ties", base, deltas, args("dare_ties", sparse, {}), orders) is None
+    assert fused.prepare_call("ties", base, deltas, args("ties", sparse, {"rescale": True}), orders) is None
+    assert fused.prepare_call("ties", base, deltas, args("ties", sparse, {}), None) is None  # no presort
+    assert fused.prepare_call("ties", base.bfloat16(), deltas.bfloat16(), args("ties", sparse, {}),
+                              orders) is None
+    # a full window needs no order, and rescale has nothing to restore there
+    full = {"weight": [1.0, 1.0], "density": [1.0, 1.0]}
+    assert fused.prepare_call("ties", base, deltas, args("ties", full, {"rescale": True}), None) is not None
+    nan = deltas.clone()
+    nan[0, :6] = float("nan")
+    nan_orders = methods.PreparedDeltas.build(nan).orders
+    assert fused.prepare_call("ties", base, nan, args("ties", sparse, {}), nan_orders) is None
