@@ -77,7 +77,7 @@ class CandidateEvaluator:
         self.model.eval()
         self.merger = InPlaceMerger(self.model, self.model_set, device=device,
                                     compute_dtype=getattr(torch, self.cfg.merge.compute_dtype),
-                                    task_vectors_on=self.cfg.ray.task_vectors_on)
+                                    task_vectors_on=self.cfg.ray.task_vectors_on, fused=self.cfg.merge.fused)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_set.tokenizer_path),
                                                        trust_remote_code=m.trust_remote_code)
         self.objectives = build_objectives(self.cfg, self.tokenizer, device)

@@ -61,6 +61,11 @@ class MergeConfig(_Strict):
         default_factory=dict, description="Fixed method-level parameters (normalize, rescale, lambda, ...)."
     )
     seed: int = Field(0, description="Seed of DARE/DELLA masks, combined with each tensor's name.")
+    fused: bool | None = Field(
+        None, description="Merge task_arithmetic/ties/breadcrumbs tensors with the compiled one-pass kernel "
+        "(same bits, faster; compiles on each actor's first candidate). null: on for CPU actors whose "
+        "task vectors hold >= 2**24 elements.",
+    )
 
 
 class SpaceConfig(_Strict):

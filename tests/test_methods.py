@@ -85,6 +85,32 @@ def test_rank_window_breaks_ties_by_index():
     assert _rank_window(mag, 1, 4).tolist() == [True, False, True, False, False, True]
     assert _rank_window(mag, 3, 6).tolist() == [False, False, True, True, True, False]
     assert _rank_window(mag, 0, 6).all() and not _rank_window(mag, 2, 2).any()
+    # the same windows from a presorted order, and from edges that straddle runs of equal values
+    from evomerge.merge.methods import magnitude_order
+
+    order = magnitude_order(mag)
+    assert order.tolist() == [1, 5, 0, 2, 3, 4]
+    for lo, hi in [(1, 4), (3, 6), (0, 3), (2, 3), (3, 4), (1, 2)]:
+        assert torch.equal(_rank_window(mag, lo, hi, order=order), _rank_window(mag, lo, hi)), (lo, hi)
+        want = torch.zeros(6, dtype=torch.bool)
+        want[order[lo:hi].long()] = True
+        assert torch.equal(_rank_window(mag, lo, hi), want), (lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_magnitude_order_is_a_stable_argsort_of_abs(dtype):
+    from evomerge.merge.methods import magnitude_order
+
+    x = (torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 4).round() / 4  # many ties
+    x[::7] = -0.0
+    x[3], x[10], x[11] = float("nan"), float("inf"), float("-inf")
+    x = x.to(dtype)
+    order = magnitude_order(x)
+    assert order.dtype == torch.int32
+    ranked = x.abs().double()
+    ranked[ranked.isnan()] = float("inf")  # NaN ranks last: put it after the infinities by index below
+    want = sorted(range(5000), key=lambda i: (bool(x[i].isnan()), float(ranked[i]), i))
+    assert order.tolist() == want
 
 
 def test_ties_rescale_restores_l1():

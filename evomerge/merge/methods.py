@@ -40,6 +40,7 @@ import difflib
 import functools
 import inspect
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -442,13 +443,15 @@ def magnitude_order(x: Tensor) -> Tensor:
     mag = x.detach().abs().reshape(-1)
     n = mag.numel()
     index_dtype = torch.int32 if n < 2**31 else torch.int64
-    if mag.device.type == "cpu" and mag.dtype in _BITS_AS_INT and n < 2**32:
+    if mag.device.type == "cpu" and mag.dtype in _BITS_AS_INT and n < 2**31 and sys.byteorder == "little":
         import numpy as np
 
-        key = mag.view(_BITS_AS_INT[mag.dtype]).numpy().astype(np.int64) << 32
-        key |= np.arange(n, dtype=np.int64)
+        key = np.empty(n, dtype=np.int64)
+        halves = key.view(np.int32).reshape(n, 2)  # little-endian: [low = index, high = magnitude bits]
+        halves[:, 1] = mag.view(_BITS_AS_INT[mag.dtype]).numpy()  # 16-bit patterns widen, order kept
+        halves[:, 0] = np.arange(n, dtype=np.int32)
         key.sort()
-        return torch.from_numpy((key & 0xFFFFFFFF).astype(np.int32 if n < 2**31 else np.int64))
+        return torch.from_numpy(halves[:, 0].copy())
     ranked = mag.float() if mag.dtype in _SIXTEEN_BIT else mag
     return torch.sort(ranked, stable=True).indices.to(index_dtype)
 
