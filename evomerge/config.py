@@ -62,7 +62,7 @@ class MergeConfig(_Strict):
     )
     seed: int = Field(0, description="Seed of DARE/DELLA masks, combined with each tensor's name.")
     fused: bool | None = Field(
-        None, description="Merge task_arithmetic/ties/breadcrumbs tensors with the compiled one-pass kernel "
+        None, description="Merge task_arithmetic/ties/dare/breadcrumbs tensors with the compiled one-pass kernel "
         "(same bits, faster; compiles on each actor's first candidate). null: on for CPU actors whose "
         "task vectors hold >= 2**24 elements.",
     )

@@ -3,7 +3,8 @@
 
 Why: a search evaluates hundreds of candidates, so the per-candidate merge must cost about
 what touching the weights costs, not what a disk-to-disk merge costs. On one random Llama
-(~300M parameters by default) with 3 fine-tune-like sources and a per-layer TIES recipe,
+(~300M parameters by default) with 3 fine-tune-like sources and a per-layer TIES recipe
+(``--method`` picks another: dare_ties, breadcrumbs_ties, task_arithmetic, ...),
 this times, in one run:
 
 1. ``InPlaceMerger.apply``: re-merge into a live model, task vectors resident (after a warm-up),
@@ -98,15 +99,17 @@ def build_models(root: Path, shape: dict, dtype: str, n_sources: int, seed: int 
     return dirs[0], dirs[1:]
 
 
-def ties_recipe(base: str, sources: list[str], n_layers: int, dtype: str, compute_dtype: str):
-    """A per-layer TIES recipe (weights and densities vary by layer)."""
+def layer_recipe(base: str, sources: list[str], n_layers: int, dtype: str, compute_dtype: str,
+                 method: str = "ties"):
+    """A per-layer recipe of one method (weights and densities vary by layer)."""
     from evomerge.merge.recipe import MergeRecipe
 
     def group(li: int) -> dict:
-        return {"method": "ties", "params": {"normalize": True},
-                "source_params": {s: {"weight": round(0.3 + 0.1 * ((li + k) % 5), 3),
-                                      "density": round(0.3 + 0.05 * ((li * 3 + k) % 8), 3)}
-                                  for k, s in enumerate(sources)}}
+        per_source = {s: {"weight": round(0.3 + 0.1 * ((li + k) % 5), 3)} for k, s in enumerate(sources)}
+        if method != "task_arithmetic":
+            for k, s in enumerate(sources):
+                per_source[s]["density"] = round(0.3 + 0.05 * ((li * 3 + k) % 8), 3)
+        return {"method": method, "params": {"normalize": True}, "source_params": per_source}
 
     groups = {"default": group(0)}
     groups.update({f"layers.{li}": group(li + 1) for li in range(n_layers)})
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="weights and compute dtype (default: float32; bfloat16 for 7b)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="300m")
     ap.add_argument("--sources", type=int, default=3)
+    ap.add_argument("--method", default="ties", help="merge method of the per-layer recipe (default: ties)")
     ap.add_argument("--repeats", type=int, default=2, help="timed in-place merges (best is reported)")
     ap.add_argument("--skip-folder", action="store_true", help="only the in-place merge and the floor")
     ap.add_argument("--keep", help="work folder to use and keep (models are reused when present)")
@@ -215,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         n_params = _count_params(base)
         print(f"models: random Llama {args.shape} ({n_params / 1e6:.0f}M params, {dtype}), base + "
               f"{len(sources)} sources in {work / 'models'} (built/found in {time.perf_counter() - t0:.0f}s)")
-        recipe = ties_recipe(str(base), [str(s) for s in sources], shape["num_hidden_layers"], dtype, dtype)
+        recipe = layer_recipe(str(base), [str(s) for s in sources], shape["num_hidden_layers"], dtype, dtype,
+                              args.method)
         (work / "recipe.json").write_text(recipe.to_json())
         (work / "mergekit.yaml").write_text(to_mergekit_yaml(recipe, shape["num_hidden_layers"], "llama"))
 
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     inplace = results.get(FUSED, results[EAGER])
-    print(f"\nper-layer TIES over {len(sources)} sources, device={args.device}, dtype={dtype}, "
+    print(f"\nper-layer {args.method} over {len(sources)} sources, device={args.device}, dtype={dtype}, "
           f"{os.cpu_count()} CPU threads visible, torch threads={torch.get_num_threads()}, "
           f"merge threads={args.threads or torch.get_num_threads()}")
     width = max(len(k) for k in results)
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nin-place is {mk / inplace:.1f}x faster than mergekit-yaml ({verdict} the >= 5x target)")
     print(f"in-place re-merge reaches {floor_s / inplace:.0%} of the bandwidth figure "
           f"(the floor's time / the merge's time; eager ops: {floor_s / results[EAGER]:.0%})")
-    summary = {"shape": args.shape, "dtype": dtype, "device": args.device, "params": n_params, **results}
+    summary = {"shape": args.shape, "method": args.method, "dtype": dtype, "device": args.device,
+               "params": n_params, **results}
     print("json: " + json.dumps(summary))
     return 0
 

@@ -1,5 +1,6 @@
 """The fused hot-path kernel gives ``methods.merge_tensor``'s bits: over random cases with
-forced magnitude ties, exact zeros, -0.0, empty and full windows and negative weights -
+forced magnitude ties, exact zeros, -0.0, empty and full windows, negative weights, DARE
+masks with and without rescaling -
 first the kernel's formula run eagerly (many cases, cheap), then compiled by Inductor
 (fewer cases: each new source count / variant compiles once per process)."""
 
@@ -34,6 +35,10 @@ def _case(trial: int, rnd: random.Random, n: int, method: str, dtype: torch.dtyp
     if method.startswith("breadcrumbs"):
         sp["gamma"] = [rnd.choice([0.0, rnd.uniform(0, 0.3)]) for _ in range(n)]
     params = {"normalize": rnd.random() < 0.5, "lambda": rnd.choice([1.0, 0.7])}
+    if method.startswith("dare"):
+        params["rescale"] = rnd.random() < 0.7
+        if rnd.random() < 0.1:
+            deltas[0] *= 1e-9  # L1 norms below mergekit's tolerance: no rescaling
     return base.to(dtype), deltas.to(dtype), sp, params
 
 
@@ -44,7 +49,7 @@ def _check(merger: fused.FusedMerger, method: str, base, deltas, sp, params, tri
         plain = plain.to(out_dtype).to(base.dtype)
     kwargs = methods.method_arguments(method, deltas.shape[0], sp, params, seed=trial, tensor_name="t")
     prepared = methods.PreparedDeltas.build(deltas)
-    call = fused.prepare_call(method, base, deltas, kwargs, prepared.orders)
+    call = fused.plan_call(method, base, deltas, kwargs, prepared.orders)
     assert call is not None, (trial, method)
     target = torch.full(base.shape, float("nan"), dtype=plain.dtype)
     assert merger.merge_into(target, call, round_to=out_dtype)
@@ -68,13 +73,13 @@ def test_compiled_kernel_is_bit_identical_to_eager_methods():
     merger = fused.FusedMerger()
     rnd = random.Random(7)
     checked = 0
-    for trial in range(48):
-        method = ["ties", "task_arithmetic", "breadcrumbs_ties", "breadcrumbs"][trial % 4]
+    for trial in range(60):
+        method = ["ties", "task_arithmetic", "breadcrumbs_ties", "breadcrumbs", "dare_ties", "dare_linear"][trial % 6]
         base, deltas, sp, params = _case(trial, rnd, 3, method)
-        out_dtype = torch.bfloat16 if trial % 8 == 1 else None
+        out_dtype = torch.bfloat16 if trial % 10 == 1 else None
         assert _check(merger, method, base, deltas, sp, params, trial, out_dtype), (trial, method, out_dtype)
         checked += 1
-    assert merger.available and checked == 48
+    assert merger.available and checked == 60
 
 
 def test_cases_the_kernel_leaves_to_eager():
@@ -82,15 +87,16 @@ def test_cases_the_kernel_leaves_to_eager():
     orders = methods.PreparedDeltas.build(deltas).orders
     args = lambda m, sp, p: methods.method_arguments(m, 2, sp, p, seed=0, tensor_name="t")  # noqa: E731
     sparse = {"weight": [1.0, 1.0], "density": [0.5, 0.5]}
-    assert fused.prepare_call("dare_ties", base, deltas, args("dare_ties", sparse, {}), orders) is None
-    assert fused.prepare_call("ties", base, deltas, args("ties", sparse, {"rescale": True}), orders) is None
-    assert fused.prepare_call("ties", base, deltas, args("ties", sparse, {}), None) is None  # no presort
-    assert fused.prepare_call("ties", base.bfloat16(), deltas.bfloat16(), args("ties", sparse, {}),
+    assert fused.plan_call("della", base, deltas, args("della", {**sparse, "epsilon": [0.1, 0.1]}, {}),
+                           orders) is None
+    assert fused.plan_call("ties", base, deltas, args("ties", sparse, {"rescale": True}), orders) is None
+    assert fused.plan_call("ties", base, deltas, args("ties", sparse, {}), None) is None  # no presort
+    assert fused.plan_call("ties", base.bfloat16(), deltas.bfloat16(), args("ties", sparse, {}),
                               orders) is None
     # a full window needs no order, and rescale has nothing to restore there
     full = {"weight": [1.0, 1.0], "density": [1.0, 1.0]}
-    assert fused.prepare_call("ties", base, deltas, args("ties", full, {"rescale": True}), None) is not None
+    assert fused.plan_call("ties", base, deltas, args("ties", full, {"rescale": True}), None) is not None
     nan = deltas.clone()
     nan[0, :6] = float("nan")
     nan_orders = methods.PreparedDeltas.build(nan).orders
-    assert fused.prepare_call("ties", base, nan, args("ties", sparse, {}), nan_orders) is None
+    assert fused.plan_call("ties", base, nan, args("ties", sparse, {}), nan_orders) is None

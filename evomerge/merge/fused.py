@@ -1,19 +1,22 @@
-"""The search's hot path for rank-window methods, compiled into one pass per tensor.
+"""The search's hot path for task-arithmetic-family methods, compiled into one pass per tensor.
 
 Why: eager TIES walks every tensor some 40 times (|delta|, the window test, the mask
 product, the weight, the sign sum, the agreement, the disjoint sum, the divisor, ...),
-each pass a full trip through memory. TorchInductor fuses the whole formula - window
-test from the presorted order, weights, sign election, disjoint sum, normalisation,
-lambda, base add, rounding to the output dtype and the write into the live parameter -
-into one loop that reads each task vector once. On a 297M-parameter model that is the
-difference between a few seconds and a few tenths of a second per candidate.
+each pass a full trip through memory; eager DARE adds a hash pass per source. TorchInductor
+fuses the whole formula - the keep test (a magnitude-rank window from the presorted order,
+or DARE's counter-based hash), weights, sign election, disjoint sum, normalisation, lambda,
+base add, rounding to the output dtype and the write into the live parameter - into one
+loop that reads each task vector once. On a 297M-parameter model that is the difference
+between seconds and a few tenths of a second per candidate.
 
-Bits: :func:`gta_window_merge` spells :func:`methods._task_arithmetic`'s operations in
-the same order with the same roundings (masks are exact 1/0 products, sums run source
-by source from +0), so the compiled kernel's result equals ``methods.merge_tensor``'s
-bit for bit; ``tests/test_fused.py`` checks that over random cases with magnitude ties,
-zeros and -0.0. Covered: task_arithmetic, ties, breadcrumbs, breadcrumbs_ties in a
-float32/float64 compute dtype without ``rescale``; everything else stays eager.
+Bits: :func:`gta_merge` spells :func:`methods._task_arithmetic`'s operations in the same
+order with the same roundings (masks are exact 1/0 products, sums run source by source
+from +0, DARE's L1 sums are taken by the same eager ``sum``), so the compiled kernel's
+result equals ``methods.merge_tensor``'s bit for bit; ``tests/test_fused.py`` checks that
+over random cases with magnitude ties, zeros and -0.0. Covered, in a float32/float64
+compute dtype: task_arithmetic, ties and breadcrumbs(_ties) without ``rescale``,
+dare_linear and dare_ties with or without it. DELLA (per-row ranks), linear, slerp and
+model_stock stay eager.
 """
 
 from __future__ import annotations
@@ -25,62 +28,86 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from evomerge.merge import methods
+from evomerge.merge import methods, rng
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-#: Methods whose sparsifier is a magnitude-rank window (or none): what the kernel covers.
-FUSED_METHODS = frozenset({"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"})
-_CONSENSUS = frozenset({"ties", "breadcrumbs_ties"})
+_WINDOW_METHODS = frozenset({"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"})
+_RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
+#: Methods the kernel covers (see :func:`plan_call` for the cases it leaves to eager ops).
+FUSED_METHODS = _WINDOW_METHODS | _RANDOM_METHODS
+_CONSENSUS = frozenset({"ties", "breadcrumbs_ties", "dare_ties"})
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _GRAPH_LIMIT = 64
+_DRAW_SHIFT = 32 - rng.UNIFORM_BITS
 
 
-def gta_window_merge(
+def _random_keep(numel: int, device: torch.device, key1: Tensor, key2: Tensor, keep_below: Tensor) -> Tensor:
+    """DARE's Bernoulli mask, element by element: the draw ``rng.bernoulli_mask`` makes."""
+    bits = rng.hash_index_(torch.arange(numel, device=device, dtype=torch.int64), key1, key2)
+    return (bits >> _DRAW_SHIFT) < keep_below
+
+
+def gta_merge(
     target: Tensor,
     base: Tensor,
     deltas: Tensor,
     weight: Tensor,
+    scale: Tensor,
     lo_value: Tensor,
     lo_index: Tensor,
     hi_value: Tensor,
     hi_index: Tensor,
+    key1: Tensor,
+    key2: Tensor,
+    keep_below: Tensor,
     divisor: Tensor,
     lambda_: Tensor,
     zero: Tensor,
     *,
     consensus: bool,
+    keep: str,
     round_to: torch.dtype | None,
 ) -> None:
-    """Writes ``base + lambda * mix(window(delta_i) * w_i) / divisor`` into flat ``target``.
+    """Writes ``base + lambda * mix(keep_i * delta_i * scale_i * w_i) / divisor`` into ``target``.
 
-    All tensors flat: ``base`` (S), ``deltas`` (N, S), ``target`` (S, any float dtype);
-    per source (N): ``weight``, the window edges ``lo_value``/``lo_index`` and
-    ``hi_value``/``hi_index`` (see :class:`methods.WindowEdges`; a missing lower edge is
-    value -1, a missing upper one +inf with index S). ``divisor``: the weight sum without
-    sign election, or 0 to divide by the agreeing weights (``consensus``), or 1 for no
-    normalisation; ``zero``: a +0.0 the sums start from, as the eager buffers do (a
-    runtime value, so no compiler folds it away). ``round_to``: the output dtype to round
-    through before widening into ``target``, as an exported file would.
+    All tensors flat: ``base`` (S), ``deltas`` (N, S), ``target`` (S, any float dtype). Per
+    source (N): ``weight``; ``scale`` (DARE's L1 rescale factor, else 1); the rank-window
+    edges ``lo_value``/``lo_index`` and ``hi_value``/``hi_index`` (see
+    :class:`methods.WindowEdges`; a missing lower edge is value -1, a missing upper one +inf
+    with index S); DARE's hash keys ``key1``/``key2`` and ``keep_below`` (2**24 keeps all).
+    ``keep`` says which test applies: "all", "lower" (TIES' top-k), "band" (breadcrumbs'
+    two edges) or "random" (DARE), so the kernel computes no test that keeps everything.
+    ``divisor``: the weight sum without sign election, 0 to divide by the agreeing weights
+    (``consensus``), or 1 for no normalisation; ``zero``: a +0.0 the sums start from, as
+    the eager buffers do (a runtime value, so no compiler folds it away). ``round_to``: the
+    output dtype to round through before widening into ``target``, as an exported file
+    would. Window indices are int32 below 2**31 elements (twice int64's SIMD width).
     """
-    j = torch.arange(base.shape[0], device=base.device)
+    numel = base.shape[0]
+    j = torch.arange(numel, device=base.device, dtype=lo_index.dtype)
     weighted = []
     for i in range(deltas.shape[0]):
         d = deltas[i]
-        a = d.abs()
-        keep = ((a > lo_value[i]) | ((a == lo_value[i]) & (j >= lo_index[i]))) & (
-            (a < hi_value[i]) | ((a == hi_value[i]) & (j <= hi_index[i])))
-        weighted.append((d * keep.to(d.dtype)) * weight[i])
+        if keep in ("lower", "band"):
+            a = d.abs()
+            kept = (a > lo_value[i]) | ((a == lo_value[i]) & (j >= lo_index[i]))
+            if keep == "band":
+                kept = kept & ((a < hi_value[i]) | ((a == hi_value[i]) & (j <= hi_index[i])))
+            d = d * kept.to(d.dtype)
+        elif keep == "random":
+            d = (d * _random_keep(numel, base.device, key1[i], key2[i], keep_below[i]).to(d.dtype)) * scale[i]
+        weighted.append(d * weight[i])
     mixed = zero
     if consensus:
         total = zero
         for w in weighted:
             total = total + w
-        sign = (total >= 0).to(base.dtype) * 2 - 1
+        plus = total >= 0  # the elected sign (a zero sum elects +)
         agreeing_weight = zero
         for i, w in enumerate(weighted):
-            agree = ((w * sign) > 0).to(base.dtype)
+            agree = torch.where(plus, w > 0, w < 0).to(base.dtype)  # eager: w * sign > 0, the same test
             mixed = mixed + w * agree
             agreeing_weight = agreeing_weight + agree * weight[i]
         agreeing_weight = torch.where(agreeing_weight == 0, torch.ones_like(agreeing_weight), agreeing_weight)
@@ -95,101 +122,156 @@ def gta_window_merge(
     target.copy_(merged.to(target.dtype))
 
 
+def dropped_abs(out: Tensor, delta: Tensor, key1: Tensor, key2: Tensor, keep_below: Tensor) -> None:
+    """``out = |delta * mask|`` for one source's DARE mask: what eager rescaling sums."""
+    kept = _random_keep(delta.shape[0], delta.device, key1, key2, keep_below)
+    out.copy_((delta * kept.to(delta.dtype)).abs())
+
+
 @dataclass(frozen=True)
 class FusedCall:
-    """One tensor's merge, ready for the kernel (see :func:`prepare_call`)."""
+    """One tensor's merge, ready for the kernel (see :func:`plan_call`).
+
+    ``rescale``: sources whose DARE L1 factor is still to be measured into ``args``'
+    ``scale`` (:meth:`FusedMerger.merge_into` does it: it needs a kernel and the eager sum).
+    """
 
     args: tuple[Tensor, ...]
     consensus: bool
+    keep: str
+    rescale: tuple[int, ...] = ()
+
+    @property
+    def deltas(self) -> Tensor:
+        return self.args[1]
+
+    @property
+    def scale(self) -> Tensor:
+        return self.args[3]
 
 
-def prepare_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, Any],
-                 orders: Sequence[Tensor] | None) -> FusedCall | None:
-    """The kernel's per-source inputs for ``method`` with ``kwargs`` (from
+def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, Any],
+              orders: Sequence[Tensor] | None) -> FusedCall | None:
+    """The kernel's inputs for ``method`` with ``kwargs`` (from
     :func:`methods.method_arguments`), or None when the kernel does not cover the case:
-    another method, ``rescale`` with a window that drops entries, a 16-bit compute dtype
-    (eager rounds every step there), no presorted ``orders`` for a window that needs them,
-    or a NaN at a window edge."""
+    another method, a 16-bit compute dtype (eager rounds every step there), ``rescale``
+    on a rank window that drops entries, no presorted ``orders`` for a window that needs
+    them, or a NaN at a window edge."""
     if method not in FUSED_METHODS or base.dtype not in _COMPUTE_DTYPES or base.numel() == 0:
         return None
     numel, n = base.numel(), deltas.shape[0]
     flat = deltas.reshape(n, numel)
-    weight = kwargs["weight"]
-    windows = [(0, numel)] * n
-    if method == "ties":
-        windows = [methods.magnitude_window(numel, d) for d in kwargs["density"]]
-    elif method.startswith("breadcrumbs"):
-        windows = [methods.outlier_window(numel, d, g) for d, g in zip(kwargs["density"], kwargs["gamma"])]
-    sparse = any(w != (0, numel) for w in windows)
-    if sparse and (kwargs.get("rescale") or orders is None):
-        return None
-    lo_v, lo_i, hi_v, hi_i = [], [], [], []
-    for i, (lo, hi) in enumerate(windows):
-        if lo >= hi:  # an empty window keeps nothing: lower edge above every magnitude
-            lo_v.append(float("inf")), lo_i.append(numel), hi_v.append(float("inf")), hi_i.append(numel)
-            continue
-        e = methods.window_edges(flat[i], orders[i], lo, hi) if (lo, hi) != (0, numel) else \
-            methods.WindowEdges(None, 0, False, None, numel, False)
-        if e is None:
+    dev, dt = base.device, base.dtype
+    lo_v, lo_i, hi_v, hi_i = [-1.0] * n, [0] * n, [float("inf")] * n, [numel] * n
+    keys1, keys2, keep_below, rescale = [0] * n, [0] * n, [1 << rng.UNIFORM_BITS] * n, []
+    if method in _RANDOM_METHODS:
+        keep = "random"
+        for i, (density, seed) in enumerate(zip(kwargs["density"], kwargs["seeds"])):
+            if density < 1:  # eager leaves a full-density delta alone: no draw, no rescale
+                keys1[i], keys2[i] = rng.seed_keys(seed)
+                keep_below[i] = rng.keep_threshold(density)
+                if kwargs["rescale"]:
+                    rescale.append(i)
+    else:
+        windows = [(0, numel)] * n
+        if method == "ties":
+            windows = [methods.magnitude_window(numel, d) for d in kwargs["density"]]
+        elif method.startswith("breadcrumbs"):
+            windows = [methods.outlier_window(numel, d, g) for d, g in zip(kwargs["density"], kwargs["gamma"])]
+        keep = "band" if any(hi < numel for _, hi in windows) else "lower" if any(lo > 0 for lo, _ in windows) \
+            else "all"
+        if keep != "all" and (kwargs.get("rescale") or orders is None):
             return None
-        lo_v.append(-1.0 if e.lo_value is None else e.lo_value)
-        lo_i.append(e.lo_index)
-        hi_v.append(float("inf") if e.hi_value is None else e.hi_value)
-        hi_i.append(e.hi_index)
+        for i, (lo, hi) in enumerate(windows):
+            if (lo, hi) == (0, numel):
+                continue
+            if lo >= hi:  # an empty window keeps nothing: a lower edge above every magnitude
+                lo_v[i], lo_i[i] = float("inf"), numel
+                continue
+            e = methods.window_edges(flat[i], orders[i], lo, hi)
+            if e is None:
+                return None
+            if e.lo_value is not None:
+                lo_v[i], lo_i[i] = e.lo_value, e.lo_index
+            if e.hi_value is not None:
+                hi_v[i], hi_i[i] = e.hi_value, e.hi_index
     consensus = method in _CONSENSUS
-    normalize = bool(kwargs["normalize"])
-    if not normalize:
+    if not kwargs["normalize"]:
         divisor = 1.0
     elif consensus:
         divisor = 0.0
     else:
-        total = sum(weight)
+        total = sum(kwargs["weight"])
         divisor = total if abs(total) >= 1e-8 else 1.0
-    dev, dt = base.device, base.dtype
     values = lambda xs: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731 - rounded as eager rounds scalars
-    indices = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
-    args = (base.reshape(numel), flat, values(weight), values(lo_v), indices(lo_i), values(hi_v),
-            indices(hi_i), values(divisor), values(kwargs["lambda_"]), torch.zeros((), dtype=dt, device=dev))
-    return FusedCall(args, consensus)
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    indices = lambda xs, t=index_dtype: torch.tensor(xs, dtype=t, device=dev)  # noqa: E731
+    args = (base.reshape(numel), flat, values(kwargs["weight"]), values([1.0] * n), values(lo_v), indices(lo_i),
+            values(hi_v), indices(hi_i), indices(keys1, torch.int64), indices(keys2, torch.int64),
+            indices(keep_below, torch.int64), values(divisor), values(kwargs["lambda_"]),
+            torch.zeros((), dtype=dt, device=dev))
+    return FusedCall(args, consensus, keep, tuple(rescale))
 
 
 class FusedMerger:
-    """Runs :func:`gta_window_merge` compiled (eagerly with ``compile=False``, for tests).
+    """Runs :func:`gta_merge` (and :func:`dropped_abs`) compiled; eagerly with
+    ``compile=False``, for tests.
 
-    The first call per (source count, consensus, dtypes) compiles: ~20 s cold on a small
-    CPU, a few seconds from Inductor's on-disk cache. If compiling fails (no C++ compiler,
-    say), it logs once and reports ``available = False``; callers then merge eagerly,
-    which gives the same bits.
+    The first call per (source count, consensus, keep test, dtypes) compiles: ~20 s cold
+    on a small CPU, a few seconds from Inductor's on-disk cache. If compiling fails (no
+    C++ compiler, say), it logs once and reports ``available = False``; callers then
+    merge eagerly, which gives the same bits.
     """
 
     def __init__(self, compile: bool = True) -> None:
         self.available = True
-        self._kernel: Callable[..., None] = gta_window_merge
+        self.compiled = compile
+        self._merge: Callable[..., None] = gta_merge
+        self._dropped_abs: Callable[..., None] = dropped_abs
+        self._scratch = methods.Workspace()
         if compile:
             import torch._dynamo.config as dynamo_config
 
-            # One graph per (source count, consensus, output rounding, target dtype): a
+            # One graph per (source count, consensus, keep test, rounding, dtypes): a
             # search uses a handful, tests a few more; dynamo's default cap is 8.
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _GRAPH_LIMIT)
             # emulate_precision_casts: keep the rounding to a 16-bit output dtype that
             # Inductor would otherwise skip inside a fused float32 computation.
-            self._kernel = torch.compile(gta_window_merge, dynamic=True, fullgraph=True,
-                                         options={"emulate_precision_casts": True})
+            options = {"emulate_precision_casts": True}
+            self._merge = torch.compile(gta_merge, dynamic=True, fullgraph=True, options=options)
+            self._dropped_abs = torch.compile(dropped_abs, dynamic=True, fullgraph=True, options=options)
 
-    def merge_into(self, target: Tensor, call: FusedCall, round_to: torch.dtype | None) -> bool:
-        """Writes the merge into ``target`` (contiguous); False when the kernel is unavailable."""
+    def merge_into(self, target: Tensor, call: FusedCall, round_to: torch.dtype | None,
+                   l1_norm: Callable[[int], Tensor] | None = None) -> bool:
+        """Writes the merge into ``target`` (contiguous); False when the kernel is unavailable.
+
+        ``l1_norm(i)``: source i's ``|delta_i|.sum()`` as eager rescaling takes it (the
+        in-place merger caches it: it never changes); computed here when not given.
+        """
         if not self.available or not target.is_contiguous():
             return False
         try:
-            self._kernel(target.view(-1), *call.args, consensus=call.consensus, round_to=round_to)
+            for i in call.rescale:
+                self._measure_rescale(call, i, l1_norm)
+            self._merge(target.view(-1), *call.args, consensus=call.consensus, keep=call.keep, round_to=round_to)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: merge eagerly
-            if self._kernel is gta_window_merge:
+            if not self.compiled:
                 raise
             log.warning("fused merge kernel unavailable (%s: %s); merging eagerly (same results, slower)",
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             self.available = False
             return False
         return True
+
+    def _measure_rescale(self, call: FusedCall, i: int, l1_norm: Callable[[int], Tensor] | None) -> None:
+        """DARE's L1 factor for source i: the kept |delta| summed by the same eager ``sum``
+        (one buffer shaped like the delta, so the reduction order matches) as eager takes."""
+        delta = call.deltas[i]
+        buf = self._scratch.take("dropped_abs", delta.shape, delta.dtype, delta.device)
+        _, _, _, _, _, _, _, _, k1, k2, below, _, _, _ = call.args
+        self._dropped_abs(buf, delta, k1[i], k2[i], below[i])
+        before = l1_norm(i) if l1_norm is not None else delta.abs().sum()
+        call.scale[i] = methods.l1_rescale_factor(before, buf.sum())
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,7 +24,7 @@ import shutil
 import struct
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -185,6 +185,7 @@ class _Entry:
     base: "torch.Tensor"  # compute dtype, on the store (device or host)
     deltas: "torch.Tensor"  # (N, *shape), compute dtype, on the store
     prepared: Any = None  # methods.PreparedDeltas, built on first use by a rank-based method
+    l1: dict = field(default_factory=dict)  # source index -> |delta|.sum(), for fused DARE rescaling
 
 
 class InPlaceMerger:
@@ -303,7 +304,9 @@ class InPlaceMerger:
         if not self.presort or method not in methods.USES_SORTED_MAGNITUDES:
             return None
         if e.prepared is None:
-            e.prepared = methods.PreparedDeltas.build(e.deltas)
+            import torch
+
+            e.prepared = methods.PreparedDeltas.build(e.deltas, workers=torch.get_num_threads())
             if e.deltas.is_pinned():
                 e.prepared = e.prepared.pin_memory()
         return e.prepared
@@ -348,7 +351,8 @@ class InPlaceMerger:
                         deltas = deltas.index_select(0, select)
                         if prepared is not None:
                             prepared = prepared.select(idx)
-                    if self.fused and self._merge_fused(e, plan, base, deltas, prepared, recipe.seed, out_dtype):
+                    if self.fused and self._merge_fused(e, plan, base, deltas, prepared, idx, recipe.seed,
+                                                        out_dtype):
                         fused_count += 1
                         continue
                     merged = merge_tensor(plan.method, base, deltas, plan.source_params, plan.params,
@@ -367,7 +371,7 @@ class InPlaceMerger:
 
 
     def _merge_fused(self, e: _Entry, plan: GroupPlan, base: "torch.Tensor", deltas: "torch.Tensor",
-                     prepared: Any, seed: int, out_dtype: "torch.dtype") -> bool:
+                     prepared: Any, sources: list[int], seed: int, out_dtype: "torch.dtype") -> bool:
         """One tensor through the compiled kernel, written straight into the live parameter;
         False (nothing written) when the kernel does not cover this case."""
         from evomerge.merge import fused
@@ -378,11 +382,18 @@ class InPlaceMerger:
         methods.check_source_count(plan.method, deltas.shape[0], e.name)
         kwargs = methods.method_arguments(plan.method, deltas.shape[0], plan.source_params, plan.params,
                                           seed=seed, tensor_name=e.name)
-        call = fused.prepare_call(plan.method, base, deltas, kwargs, prepared.orders if prepared else None)
+        call = fused.plan_call(plan.method, base, deltas, kwargs, prepared.orders if prepared else None)
         if call is None:
             return False
         round_to = out_dtype if out_dtype not in (e.target.dtype, self.compute_dtype) else None
-        return fused.shared_merger().merge_into(e.target, call, round_to)
+
+        def l1_norm(i: int) -> "torch.Tensor":  # a constant of the task vector: summed once
+            k = sources[i]
+            if k not in e.l1:
+                e.l1[k] = deltas[i].abs().sum()
+            return e.l1[k]
+
+        return fused.shared_merger().merge_into(e.target, call, round_to, l1_norm)
 
 
 #: Task-vector elements (all sources) from which ``InPlaceMerger`` fuses by default.

@@ -60,17 +60,33 @@ def _lowbias32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _bits_chunk(seed: int, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
-    """32 random bits (int64 in [0, 2**32)) for element indices ``start..stop-1``."""
-    k1 = seed & _M32
-    k2 = (seed >> 32) & _M32
-    x = torch.arange(start, stop, dtype=torch.int64, device=device)
+def seed_keys(seed: int) -> tuple[int, int]:
+    """The two 32-bit keys of a 63-bit stream seed (see :func:`hash_index_`)."""
+    return seed & _M32, (seed >> 32) & _M32
+
+
+def hash_index_(x: torch.Tensor, k1: "int | torch.Tensor", k2: "int | torch.Tensor") -> torch.Tensor:
+    """In place: element indices (int64) -> their 32 random bits (int64 in [0, 2**32)).
+
+    Pure elementwise integer math, so the fused merge kernel runs it inside its loop
+    (keys as 0-d tensors there) and gets the bits this module's masks get.
+    """
     x *= _WEYL
     x += k1
     x &= _M32
     _lowbias32_(x)
     x ^= k2
     return _lowbias32_(x)
+
+
+def keep_threshold(p: float) -> int:
+    """Bernoulli(p) as ``(bits >> 8) < threshold`` on 24-bit draws."""
+    return int(round(min(max(float(p), 0.0), 1.0) * (1 << UNIFORM_BITS)))
+
+
+def _bits_chunk(seed: int, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2**32)) for element indices ``start..stop-1``."""
+    return hash_index_(torch.arange(start, stop, dtype=torch.int64, device=device), *seed_keys(seed))
 
 
 def random_bits(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -106,7 +122,7 @@ def bernoulli_mask(
     """
     numel = _numel(shape)
     _check_numel(numel)
-    threshold = int(round(min(max(float(p), 0.0), 1.0) * (1 << UNIFORM_BITS)))
+    threshold = keep_threshold(p)
     out = torch.empty(numel, dtype=torch.bool, device=device)
     chunk = _chunk(device)
     for start in range(0, numel, chunk):
