@@ -5,6 +5,9 @@ stock ``lm_eval`` CLI. The test asserts the CLI's score of the exported folder i
 the score the search recorded for that member (evaluations.jsonl and front/<id>/scores.json),
 on the same doc ids the evaluator's seeded subsample chose (``--samples``).
 
+The actors merge with the compiled one-pass kernel (`merge.fused`), the export with eager
+ops: equal scores also show the two write the same weights.
+
 Models and tasks are chosen so scores are not trivially 0 or 1: the base is a tiny random
 Llama with a character tokenizer, the sources are the base plus sizeable noise, and the two
 generate_until tasks are built from the *base's* greedy outputs (half the items true, half
@@ -75,7 +78,7 @@ def exported(tmp_path_factory):
     cfg = {
         "name": "e2e",
         "models": {"base": base_ref, "sources": sources},
-        "merge": {"methods": ["task_arithmetic", "ties"]},
+        "merge": {"methods": ["task_arithmetic", "ties"], "fused": True},  # compiled hot path vs eager export
         "space": {"name": "layerwise", "layer_group_size": 1},
         "objectives": [{"name": obj, "task": task, "metric": "exact_match", "limit": LIMIT, "seed": 1,
                         "batch_size": 8} for obj, (task, _) in TASKS.items()],

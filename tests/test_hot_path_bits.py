@@ -1,4 +1,4 @@
-"""The search's hot path (presorted magnitudes + reused workspace) gives the very bits of
+"""The search's hot path (presorted magnitude orders + reused workspace) gives the very bits of
 the plain path that exports use — over random cases with forced magnitude ties, exact
 zeros, -0.0, negative weights, every dtype and 1-5 sources."""
 

@@ -199,10 +199,12 @@ class InPlaceMerger:
 
     Speed (none of it changes a bit of the result): scratch memory is reused across
     candidates (a ``methods.Workspace``); with ``presort`` (default: on when merging on
-    CPU) each task vector's sorted magnitudes are kept, built the first time a
-    rank-based method (``methods.USES_SORTED_MAGNITUDES``) merges that tensor, so TIES /
-    breadcrumbs thresholds are lookups - this doubles task-vector memory for those
-    tensors; ``presort=False`` turns it off. ``threads``: torch intra-op threads while
+    CPU) each task vector's magnitude rank order is kept (``methods.PreparedDeltas``),
+    built the first time a rank-based method (``methods.USES_SORTED_MAGNITUDES``) merges
+    that tensor, so TIES / breadcrumbs window edges are lookups - this doubles
+    task-vector memory for those tensors (int32 per float32 element) and makes the first
+    such merge slow (a sort: ~80 s for 3 x 297M elements on one core); ``presort=False``
+    turns it off. ``threads``: torch intra-op threads while
     merging (default: leave torch's setting); on a busy CPU 1 thread can be several
     times faster than OpenMP's fork/join over shared cores.
 
@@ -296,7 +298,7 @@ class InPlaceMerger:
         return sum(e.deltas.numel() * e.deltas.element_size() for e in self._entries)
 
     def prepared_bytes(self) -> int:
-        """Memory held by sorted magnitudes (``presort``) and the reusable scratch."""
+        """Memory held by magnitude orders (``presort``) and the reusable scratch."""
         return self._workspace.nbytes() + sum(e.prepared.nbytes() for e in self._entries if e.prepared is not None)
 
     def _prepared(self, e: _Entry, method: str) -> Any:
