@@ -788,7 +788,13 @@ def _task_arithmetic(
         for i in range(n):
             s = deltas[i] if sparsify is None else sparsify(i, deltas[i], weighted[i], sc)
             torch.mul(s, weight[i], out=weighted[i])
-        total = torch.sum(weighted, dim=0, out=take("total"))
+        # Summed source by source, not torch.sum(dim=0): that reduction's association
+        # varies with the tensor's width and the SIMD path (measured on CPU), which can flip
+        # the elected sign where the weighted deltas nearly cancel; a fixed order gives the
+        # same election here, in the fused kernel and on any device.
+        total = take("total").zero_()
+        for i in range(n):
+            total.add_(weighted[i])
         # sign: +1 where + is elected (a zero sum elects +), -1 elsewhere; then
         # w * sign > 0 <=> w agrees with the elected sign (exact: a sign flip).
         sign = torch.ge(total, 0, out=take("sign")).mul_(2).sub_(1)
