@@ -217,8 +217,8 @@ class FusedMerger:
     """Runs :func:`gta_merge` (and :func:`dropped_abs`) compiled; eagerly with
     ``compile=False``, for tests.
 
-    The first call per (source count, consensus, keep test, dtypes) compiles: ~20 s cold
-    on a small CPU, a few seconds from Inductor's on-disk cache. If compiling fails (no
+    The first call per (source count, consensus, keep test, dtypes) compiles: 6-25 s on
+    2 cores with an empty cache, 3-5 s from Inductor's on-disk cache. If compiling fails (no
     C++ compiler, say), it logs once and reports ``available = False``; callers then
     merge eagerly, which gives the same bits.
     """
