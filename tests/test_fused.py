@@ -120,3 +120,26 @@ def test_sign_election_sums_sources_in_order():
         want = (column[0] + column[1]) / 2  # the two negative sources agree with '-'; normalised
         assert torch.equal(plain, torch.full((width,), float(want))), width
         assert _check(fused.FusedMerger(compile=False), "ties", base, deltas, sp, {}, 0), width
+
+
+def test_a_failed_compile_falls_back_to_eager_once(caplog):
+    """No C++ compiler (say): the first call logs one warning, reports False (the caller
+    merges eagerly), and later calls do not retry."""
+    merger = fused.FusedMerger(compile=False)
+    merger.compiled = True  # behave as a compiled merger whose kernel cannot be built
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+    merger._merge = broken
+    base, deltas = torch.zeros(10), torch.randn(2, 10)
+    kwargs = methods.method_arguments("task_arithmetic", 2, {"weight": [1.0, 1.0]}, {}, seed=0, tensor_name="t")
+    call = fused.plan_call("task_arithmetic", base, deltas, kwargs, None)
+    target = torch.zeros(10)
+    with caplog.at_level("WARNING", logger="evomerge.merge.fused"):
+        assert not merger.merge_into(target, call, None)
+        assert not merger.merge_into(target, call, None)
+    assert not merger.available and torch.equal(target, torch.zeros(10))
+    warnings = [r for r in caplog.records if "merging eagerly" in r.getMessage()]
+    assert len(warnings) == 1 and "InvalidCxxCompiler" in warnings[0].getMessage()
+    assert "more detail" not in warnings[0].getMessage()  # one line

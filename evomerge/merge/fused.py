@@ -130,24 +130,36 @@ def dropped_abs(out: Tensor, delta: Tensor, key1: Tensor, key2: Tensor, keep_bel
 
 @dataclass(frozen=True)
 class FusedCall:
-    """One tensor's merge, ready for the kernel (see :func:`plan_call`).
+    """One tensor's merge, ready for the kernel (see :func:`plan_call`): :func:`gta_merge`'s
+    inputs by name (after ``target``), then its static options.
 
-    ``rescale``: sources whose DARE L1 factor is still to be measured into ``args``'
-    ``scale`` (:meth:`FusedMerger.merge_into` does it: it needs a kernel and the eager sum).
+    ``rescale``: sources whose DARE L1 factor is still to be measured into ``scale``
+    (:meth:`FusedMerger.merge_into` does it: it needs a kernel and the eager sum).
     """
 
-    args: tuple[Tensor, ...]
+    base: Tensor
+    deltas: Tensor
+    weight: Tensor
+    scale: Tensor
+    lo_value: Tensor
+    lo_index: Tensor
+    hi_value: Tensor
+    hi_index: Tensor
+    key1: Tensor
+    key2: Tensor
+    keep_below: Tensor
+    divisor: Tensor
+    lambda_: Tensor
+    zero: Tensor
     consensus: bool
     keep: str
     rescale: tuple[int, ...] = ()
 
     @property
-    def deltas(self) -> Tensor:
-        return self.args[1]
-
-    @property
-    def scale(self) -> Tensor:
-        return self.args[3]
+    def args(self) -> tuple[Tensor, ...]:
+        """The tensors in :func:`gta_merge`'s positional order."""
+        return (self.base, self.deltas, self.weight, self.scale, self.lo_value, self.lo_index, self.hi_value,
+                self.hi_index, self.key1, self.key2, self.keep_below, self.divisor, self.lambda_, self.zero)
 
 
 def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, Any],
@@ -206,11 +218,12 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
     values = lambda xs: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731 - rounded as eager rounds scalars
     index_dtype = torch.int32 if numel < 2**31 else torch.int64
     indices = lambda xs, t=index_dtype: torch.tensor(xs, dtype=t, device=dev)  # noqa: E731
-    args = (base.reshape(numel), flat, values(kwargs["weight"]), values([1.0] * n), values(lo_v), indices(lo_i),
-            values(hi_v), indices(hi_i), indices(keys1, torch.int64), indices(keys2, torch.int64),
-            indices(keep_below, torch.int64), values(divisor), values(kwargs["lambda_"]),
-            torch.zeros((), dtype=dt, device=dev))
-    return FusedCall(args, consensus, keep, tuple(rescale))
+    return FusedCall(
+        base=base.reshape(numel), deltas=flat, weight=values(kwargs["weight"]), scale=values([1.0] * n),
+        lo_value=values(lo_v), lo_index=indices(lo_i), hi_value=values(hi_v), hi_index=indices(hi_i),
+        key1=indices(keys1, torch.int64), key2=indices(keys2, torch.int64),
+        keep_below=indices(keep_below, torch.int64), divisor=values(divisor), lambda_=values(kwargs["lambda_"]),
+        zero=torch.zeros((), dtype=dt, device=dev), consensus=consensus, keep=keep, rescale=tuple(rescale))
 
 
 class FusedMerger:
@@ -268,8 +281,7 @@ class FusedMerger:
         (one buffer shaped like the delta, so the reduction order matches) as eager takes."""
         delta = call.deltas[i]
         buf = self._scratch.take("dropped_abs", delta.shape, delta.dtype, delta.device)
-        _, _, _, _, _, _, _, _, k1, k2, below, _, _, _ = call.args
-        self._dropped_abs(buf, delta, k1[i], k2[i], below[i])
+        self._dropped_abs(buf, delta, call.key1[i], call.key2[i], call.keep_below[i])
         before = l1_norm(i) if l1_norm is not None else delta.abs().sum()
         call.scale[i] = methods.l1_rescale_factor(before, buf.sum())
 
