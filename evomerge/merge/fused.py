@@ -21,6 +21,7 @@ model_stock stay eager.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ def gta_merge(
     key1: Tensor,
     key2: Tensor,
     keep_below: Tensor,
+    dropped: Tensor,
     divisor: Tensor,
     lambda_: Tensor,
     zero: Tensor,
@@ -78,7 +80,11 @@ def gta_merge(
     :class:`methods.WindowEdges`; a missing lower edge is value -1, a missing upper one +inf
     with index S); DARE's hash keys ``key1``/``key2`` and ``keep_below`` (2**24 keeps all).
     ``keep`` says which test applies: "all", "lower" (TIES' top-k), "band" (breadcrumbs'
-    two edges) or "random" (DARE), so the kernel computes no test that keeps everything.
+    two edges), "random" (DARE: the hash) or "measured" (DARE with rescale: ``dropped``
+    (N, S) already holds each |delta_i * mask_i| from :func:`dropped_abs`, and an element
+    is kept where that equals |delta_i| - exactly ``delta_i * mask_i`` again, zeros, inf
+    and NaN included, without hashing twice). The kernel computes no test that keeps
+    everything; ``dropped`` is read only in "measured" mode.
     ``divisor``: the weight sum without sign election, 0 to divide by the agreeing weights
     (``consensus``), or 1 for no normalisation; ``zero``: a +0.0 the sums start from, as
     the eager buffers do (a runtime value, so no compiler folds it away). ``round_to``: the
@@ -98,6 +104,8 @@ def gta_merge(
             d = d * kept.to(d.dtype)
         elif keep == "random":
             d = (d * _random_keep(numel, base.device, key1[i], key2[i], keep_below[i]).to(d.dtype)) * scale[i]
+        elif keep == "measured":
+            d = (d * (dropped[i] == d.abs()).to(d.dtype)) * scale[i]
         weighted.append(d * weight[i])
     mixed = zero
     if consensus:
@@ -134,7 +142,8 @@ class FusedCall:
     inputs by name (after ``target``), then its static options.
 
     ``rescale``: sources whose DARE L1 factor is still to be measured into ``scale``
-    (:meth:`FusedMerger.merge_into` does it: it needs a kernel and the eager sum).
+    (:meth:`FusedMerger.merge_into` does it: it needs a kernel and the eager sum, and with
+    ``keep == "measured"`` it also fills ``dropped``, which starts as a placeholder).
     """
 
     base: Tensor
@@ -148,6 +157,7 @@ class FusedCall:
     key1: Tensor
     key2: Tensor
     keep_below: Tensor
+    dropped: Tensor
     divisor: Tensor
     lambda_: Tensor
     zero: Tensor
@@ -159,7 +169,8 @@ class FusedCall:
     def args(self) -> tuple[Tensor, ...]:
         """The tensors in :func:`gta_merge`'s positional order."""
         return (self.base, self.deltas, self.weight, self.scale, self.lo_value, self.lo_index, self.hi_value,
-                self.hi_index, self.key1, self.key2, self.keep_below, self.divisor, self.lambda_, self.zero)
+                self.hi_index, self.key1, self.key2, self.keep_below, self.dropped, self.divisor, self.lambda_,
+                self.zero)
 
 
 def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, Any],
@@ -184,6 +195,8 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
                 keep_below[i] = rng.keep_threshold(density)
                 if kwargs["rescale"]:
                     rescale.append(i)
+        if rescale:
+            keep = "measured"
     else:
         windows = [(0, numel)] * n
         if method == "ties":
@@ -222,7 +235,8 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
         base=base.reshape(numel), deltas=flat, weight=values(kwargs["weight"]), scale=values([1.0] * n),
         lo_value=values(lo_v), lo_index=indices(lo_i), hi_value=values(hi_v), hi_index=indices(hi_i),
         key1=indices(keys1, torch.int64), key2=indices(keys2, torch.int64),
-        keep_below=indices(keep_below, torch.int64), divisor=values(divisor), lambda_=values(kwargs["lambda_"]),
+        keep_below=indices(keep_below, torch.int64), dropped=flat, divisor=values(divisor),
+        lambda_=values(kwargs["lambda_"]),
         zero=torch.zeros((), dtype=dt, device=dev), consensus=consensus, keep=keep, rescale=tuple(rescale))
 
 
@@ -264,8 +278,8 @@ class FusedMerger:
         if not self.available or not target.is_contiguous():
             return False
         try:
-            for i in call.rescale:
-                self._measure_rescale(call, i, l1_norm)
+            if call.keep == "measured":
+                call = self._measure_rescale(call, l1_norm)
             self._merge(target.view(-1), *call.args, consensus=call.consensus, keep=call.keep, round_to=round_to)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: merge eagerly
             if not self.compiled:
@@ -276,14 +290,19 @@ class FusedMerger:
             return False
         return True
 
-    def _measure_rescale(self, call: FusedCall, i: int, l1_norm: Callable[[int], Tensor] | None) -> None:
-        """DARE's L1 factor for source i: the kept |delta| summed by the same eager ``sum``
-        (one buffer shaped like the delta, so the reduction order matches) as eager takes."""
-        delta = call.deltas[i]
-        buf = self._scratch.take("dropped_abs", delta.shape, delta.dtype, delta.device)
-        self._dropped_abs(buf, delta, call.key1[i], call.key2[i], call.keep_below[i])
-        before = l1_norm(i) if l1_norm is not None else delta.abs().sum()
-        call.scale[i] = methods.l1_rescale_factor(before, buf.sum())
+    def _measure_rescale(self, call: FusedCall, l1_norm: Callable[[int], Tensor] | None) -> FusedCall:
+        """Every source's |delta_i * mask_i| into one scratch buffer (an unmasked source's
+        mask keeps all), and each rescaled source's L1 factor from it: summed by the same
+        eager ``sum`` over a buffer shaped like the delta as eager rescaling takes, so the
+        factor has the same bits. Returns the call reading that buffer."""
+        n, numel = call.deltas.shape
+        dropped = self._scratch.take("dropped_abs", (n, numel), call.deltas.dtype, call.deltas.device)
+        for i in range(n):
+            self._dropped_abs(dropped[i], call.deltas[i], call.key1[i], call.key2[i], call.keep_below[i])
+        for i in call.rescale:
+            before = l1_norm(i) if l1_norm is not None else call.deltas[i].abs().sum()
+            call.scale[i] = methods.l1_rescale_factor(before, dropped[i].sum())
+        return dataclasses.replace(call, dropped=dropped)
 
 
 @functools.lru_cache(maxsize=1)
