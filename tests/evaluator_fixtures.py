@@ -67,6 +67,20 @@ def greedy_ids(model, tokenizer, prompt: str, n: int = GEN_TOKS) -> list[int]:
     return out
 
 
+def _write_json_task(folder: Path, name: str, rows: list[dict], body: str, relative_data: bool = False) -> Path:
+    """``name``.jsonl (the rows) and an lm-eval task ``name``.yaml reading it, in ``folder``;
+    ``body``: the YAML after the dataset keys. Returns the data file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data_ref = data.name if relative_data else str(data)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_ref}\n"
+        f"test_split: test\n{body}metadata:\n  version: 1.0\n"
+    )
+    return data
+
+
 @dataclass
 class GenTask:
     name: str
@@ -89,18 +103,7 @@ def write_gen_task(folder: Path, name: str, model, tokenizer, n_docs: int = 24, 
         wrong = text[::-1] if text[::-1] != text else text + "q"
         target = text if true else wrong
         docs.append({"prompt": prompt, "target": target, "true": true})
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps({"prompt": d["prompt"], "target": d["target"]}) + "\n" for d in docs))
-    data_ref = data.name if relative_data else str(data)
-    (folder / f"{name}.yaml").write_text(
-        f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_ref}
-test_split: test
-output_type: generate_until
+    _write_json_task(folder, name, [{"prompt": d["prompt"], "target": d["target"]} for d in docs], f"""output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: target
 generation_kwargs:
@@ -111,10 +114,7 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
-"""
-    )
+""", relative_data)
     return GenTask(name, folder, docs)
 
 
@@ -126,29 +126,15 @@ def write_mc_task(folder: Path, name: str, n_docs: int = 16, seed: int = 1) -> P
         q = "".join(rng.choice(LETTERS) for _ in range(6))
         choices = ["".join(rng.choice(LETTERS) for _ in range(3)) for _ in range(3)]
         rows.append({"q": q, "choices": choices, "label": rng.randrange(3)})
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / f"{name}.yaml").write_text(
-        f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
+    return _write_json_task(folder, name, rows, """output_type: multiple_choice
+doc_to_text: "{{q}}"
 doc_to_target: label
 doc_to_choice: choices
 metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
-"""
-    )
-    return data
+""")
 
 
 def expected_exact_match(model, tokenizer, task: GenTask, ids: list[int]) -> float:

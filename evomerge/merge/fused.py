@@ -226,8 +226,7 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
     elif consensus:
         divisor = 0.0
     else:
-        total = sum(kwargs["weight"])
-        divisor = total if abs(total) >= 1e-8 else 1.0
+        divisor = methods.weight_sum_divisor(kwargs["weight"])
     values = lambda xs: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731 - rounded as eager rounds scalars
     index_dtype = torch.int32 if numel < 2**31 else torch.int64
     indices = lambda xs, t=index_dtype: torch.tensor(xs, dtype=t, device=dev)  # noqa: E731

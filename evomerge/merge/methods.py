@@ -781,8 +781,7 @@ def _task_arithmetic(
         for i in range(n):
             s = deltas[i] if sparsify is None else sparsify(i, deltas[i], sparse_buf, sc)
             mixed.add_(torch.mul(s, weight[i], out=term))
-        divisor_value = sum(weight)
-        divisor: Tensor | float = divisor_value if abs(divisor_value) >= 1e-8 else 1.0
+        divisor: Tensor | float = weight_sum_divisor(weight)
     else:
         weighted = take("weighted", deltas.shape)
         for i in range(n):
@@ -810,6 +809,13 @@ def _task_arithmetic(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return torch.add(base, mixed, out=mixed)
+
+
+def weight_sum_divisor(weight: Sequence[float]) -> float:
+    """The divisor of a normalised merge without sign election: the weight sum, or 1 when
+    it is below 1e-8 in magnitude (mergekit's rule)."""
+    total = sum(weight)
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 _GTA_IGNORED = ("int8_mask",)  # mergekit memory option, no effect on results
