@@ -321,6 +321,7 @@ class LmEvalEvaluator:
         was_training = getattr(model, "training", False)
         lm = self._lm(model, spec.batch_size)
         try:
+            model.eval()  # HFLM sets eval mode only when it is built; the cached wrapper must not score with dropout
             res = evaluate(
                 lm=lm,
                 task_dict=run.loaded,

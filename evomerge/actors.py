@@ -66,7 +66,7 @@ class CandidateEvaluator:
             threads = max(1, int(self.cfg.ray.num_cpus_per_actor))
             torch.set_num_threads(threads)
         m = self.cfg.models
-        self.model_set = load_model_set(m.base, m.sources, tokenizer_source=m.tokenizer_source,
+        self.model_set = load_model_set(m.base, m.sources, tokenizer_source=m.tokenizer_source, revision=m.revision,
                                         allow_pickle=m.allow_pickle)
         live_path = self.model_set.base.path if self.model_set.base is not None else self.model_set.sources[0].path
         dtype = getattr(torch, _DTYPES[self.cfg.merge.dtype])

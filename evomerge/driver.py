@@ -325,7 +325,7 @@ class Search:
         self.run = run
         self.show_progress = progress
         m = cfg.models
-        self.model_set = load_model_set(m.base, m.sources, tokenizer_source=m.tokenizer_source,
+        self.model_set = load_model_set(m.base, m.sources, tokenizer_source=m.tokenizer_source, revision=m.revision,
                                         allow_pickle=m.allow_pickle)
         self.space = get_space(cfg, self.model_set)
         self.budget_evals = cfg.budget.evaluations
@@ -619,7 +619,8 @@ class Search:
         from evomerge.merge.recipe import MergeRecipe
 
         try:
-            merge_to_folder(MergeRecipe.from_dict(recipe), out, allow_pickle=self.cfg.models.allow_pickle)
+            merge_to_folder(MergeRecipe.from_dict(recipe), out, allow_pickle=self.cfg.models.allow_pickle,
+                            revision=self.cfg.models.revision)
         except Exception as err:  # noqa: BLE001 - a failed export must not stop the search
             log.warning("could not save weights of front member %s: %s", eid, err)
 

@@ -307,18 +307,20 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
     recipe = MergeRecipe.from_dict(member.recipe or {})
     if dtype:
         recipe = recipe.model_copy(update={"dtype": dtype})
-    allow_pickle = bool((view.config.get("models") or {}).get("allow_pickle", False))
+    models_cfg = view.config.get("models") or {}
+    allow_pickle = bool(models_cfg.get("allow_pickle", False))
+    revision = models_cfg.get("revision")  # the hub revision the search merged and scored
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model_set = load_model_set(recipe.base, recipe.sources, tokenizer_source=recipe.tokenizer_source,
-                                   allow_pickle=allow_pickle)
+                                   allow_pickle=allow_pickle, revision=revision)
         for m in model_set.models:  # only the layout and layer count are needed here
             m.close()
         merge_to_folder(recipe, tmp, max_shard_size=max_shard_size, dtype=dtype, device=device,
-                        allow_pickle=allow_pickle)
+                        allow_pickle=allow_pickle, revision=revision)
         _atomic_text(tmp / "recipe.json", recipe.to_json() + "\n")
         _atomic_text(tmp / "mergekit.yaml", to_mergekit_yaml(recipe, model_set.num_layers, model_set.layout))
         plot: str | None = PLOT_NAME

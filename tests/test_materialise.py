@@ -340,3 +340,24 @@ def test_fused_hot_path_equals_export_bit_for_bit(tiny_models, merged, tmp_path)
         assert 0 < timings["fused_tensors"] < timings["tensors"]
         state = {k: v.to(model.dtype) for k, v in _files_state(merge_to_folder(r, tmp_path / dtype)).items()}
         _assert_bitwise(model, state)
+
+
+def test_hub_ids_resolve_at_the_configured_revision(tiny_models, tmp_path, monkeypatch):
+    """Models named by hub id are fetched at ``revision`` (the search config's models.revision)
+    when merging to a folder, as the search merged them - not at the hub's default branch."""
+    from evomerge import sources
+    from evomerge.merge.materialise import merge_to_folder
+
+    local = {"org/base": tiny_models.base_ref, **{f"org/s{i}": s for i, s in enumerate(tiny_models.source_refs)}}
+    asked: list[tuple[str, str | None]] = []
+
+    def fake_download(ref, *, revision, patterns):
+        asked.append((ref, revision))
+        return Path(local[ref])
+
+    monkeypatch.setattr(sources, "_download", fake_download)
+    s = [f"org/s{i}" for i in range(len(tiny_models.source_refs))]
+    recipe = MergeRecipe(base="org/base", sources=s, groups={"default": GroupRecipe(
+        method="task_arithmetic", source_params={x: {"weight": w} for x, w in zip(s, W_TA)})})
+    merge_to_folder(recipe, tmp_path / "out", revision="v1.2")
+    assert {ref for ref, _ in asked} >= set(local) and all(rev == "v1.2" for _, rev in asked)

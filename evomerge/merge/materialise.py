@@ -603,8 +603,12 @@ def _merge_one(name: str, recipe: MergeRecipe, model_set: "ModelSet", srcs: list
 
 
 def merge_to_folder(recipe: MergeRecipe, out_dir: str | Path, *, max_shard_size: str | int = "2GB",
-                    dtype: str | None = None, device: str = "cpu", allow_pickle: bool = False) -> Path:
-    """Merge ``recipe`` into a Hugging Face folder; everything is checked before ``out_dir`` is touched."""
+                    dtype: str | None = None, device: str = "cpu", allow_pickle: bool = False,
+                    revision: str | None = None) -> Path:
+    """Merge ``recipe`` into a Hugging Face folder; everything is checked before ``out_dir`` is touched.
+
+    ``revision``: the hub revision of models given as hub ids (the search config's
+    ``models.revision``; recipes name models, not revisions)."""
     from evomerge.sources import load_model_set
 
     out = Path(out_dir)
@@ -613,7 +617,7 @@ def merge_to_folder(recipe: MergeRecipe, out_dir: str | Path, *, max_shard_size:
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
     model_set = load_model_set(recipe.base, recipe.sources, tokenizer_source=recipe.tokenizer_source,
-                               allow_pickle=allow_pickle)
+                               allow_pickle=allow_pickle, revision=revision)
     validate_recipe(recipe, model_set)
     _check_out_dir(out, model_set)
     try:
