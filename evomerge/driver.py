@@ -59,7 +59,6 @@ MAX_ATTEMPTS = 3
 TICK_S = 0.5
 #: wait before asking a restarting actor again whether it is back
 PROBE_RETRY_S = 1.0
-#: config sections that do not change what a search explores (a new budget extends a run)
 #: evaluate each source alone as a reference when there are at most this many
 MAX_SOURCE_REFERENCES = 8
 FAULTS_ENV = "EVOMERGE_TEST_FAULTS"
@@ -338,7 +337,6 @@ class Search:
         self.records_by_id: dict[str, dict[str, Any]] = {}
         self.heldout: dict[str, dict[str, float]] = {}
         self.since_checkpoint = 0
-        self.written_members: set[str] = set()
         self.busy_s = 0.0  # actor time inside merge + evaluation, this session
         self._report_thread: threading.Thread | None = None
         self.pool: ActorPool | None = None
@@ -430,12 +428,6 @@ class Search:
         if self.cfg.budget.wall_clock_s is not None and self.elapsed() >= self.cfg.budget.wall_clock_s:
             return False
         return True
-
-    def budget_done(self) -> bool:
-        assert self.book is not None
-        if self.budget_evals is not None and self.book.n_told >= self.budget_evals:
-            return True
-        return self.cfg.budget.wall_clock_s is not None and self.elapsed() >= self.cfg.budget.wall_clock_s
 
     # -- the loop -------------------------------------------------------------------
     def _next_job(self) -> Job | None:

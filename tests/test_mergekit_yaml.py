@@ -189,6 +189,18 @@ def test_multi_method_recipe_is_mergekit_multi_and_round_trips() -> None:
     assert_equivalent(recipe, from_mergekit_yaml(text))
 
 
+def test_multi_method_tokenizer_source_resolves_like_single_documents(tmp_path) -> None:
+    """A relative tokenizer_source in a mergekit-multi set is found under the YAML's folder,
+    as in a single document - not under the working directory."""
+    (tmp_path / "tok").mkdir()
+    rng = random.Random(2)
+    groups = {"default": _full_group("ties", rng), "layers.1": _full_group("task_arithmetic", rng)}
+    recipe = MergeRecipe.from_dict({"base": BASE, "sources": SOURCES, "groups": groups, "tokenizer_source": "tok"})
+    text = to_mergekit_yaml(recipe, N_LAYERS, LLAMA)
+    assert len(list(yaml.safe_load_all(text))) == 3
+    assert from_mergekit_yaml(text, base_dir=tmp_path).tokenizer_source == str(tmp_path / "tok")
+
+
 SLERP_YAML = """
 slices:
   - sources:

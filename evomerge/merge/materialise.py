@@ -265,15 +265,17 @@ class InPlaceMerger:
                     base = model_set.base.get_tensor(name).to(store, self.compute_dtype)
                 else:
                     if shape not in zeros:
-                        zeros[shape] = torch.zeros(shape, dtype=self.compute_dtype, device=store)
-                    base = zeros[shape]
+                        zeros[shape] = torch.zeros(shape, dtype=self.compute_dtype, device=store, pin_memory=pin)
+                    base = zeros[shape]  # shared by every tensor of this shape (pinned once)
                 deltas = torch.empty((n, *shape), dtype=self.compute_dtype, device=store)
                 for i, src in enumerate(model_set.sources):
                     deltas[i].copy_(src.get_tensor(name))
                     if model_set.base is not None:
                         deltas[i].sub_(base)
                 if pin:
-                    base, deltas = base.pin_memory(), deltas.pin_memory()
+                    deltas = deltas.pin_memory()
+                    if model_set.base is not None:
+                        base = base.pin_memory()
                 self._entries.append(_Entry(name, model_set.groups[name], target, base, deltas))
         self.fused = self._fused_default() if fused is None else bool(fused)
         written = set(claimed)

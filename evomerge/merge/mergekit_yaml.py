@@ -934,5 +934,6 @@ def _import_multi(docs: list[Any], base_dir: Path | None, seed: int) -> MergeRec
     return MergeRecipe.from_dict(
         {"base": first.base, "sources": first.sources, "groups": groups, "seed": seed,
          "dtype": str(dtype), "compute_dtype": first.compute_dtype,
-         **({"tokenizer_source": final["tokenizer_source"]} if final.get("tokenizer_source") else {})}
+         **({"tokenizer_source": _tok(final["tokenizer_source"], first.base, base_dir)}
+            if final.get("tokenizer_source") else {})}
     )
