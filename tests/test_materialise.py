@@ -194,6 +194,34 @@ def test_sharded_output_loads_with_transformers(tiny_models, merged, tmp_path):
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
+def test_interrupted_rewrite_never_mixes_two_merges(tiny_models, merged, tmp_path, monkeypatch):
+    """A merge into a folder holding an earlier sharded merge, killed after its first shard:
+    no old shard or old index survives next to the new shard (that set would load silently)."""
+    from evomerge.merge import materialise
+
+    out = materialise.merge_to_folder(merged.recipe, tmp_path / "re", max_shard_size="60KB")
+    old = {p.name: p.read_bytes() for p in out.glob("model*")}
+    assert len(old) >= 4  # shards + index
+    first_shard = sum(1 for f in json.loads(old["model.safetensors.index.json"])["weight_map"].values()
+                      if f.startswith("model-00001-"))
+    other = _recipe(tiny_models, **{"layers.0": GroupRecipe(method="linear", source_params={
+        s: {"weight": 1.0} for s in tiny_models.source_refs})})
+    real, calls = materialise._merge_one, []
+
+    def dies_in_second_shard(name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) > first_shard:
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(materialise, "_merge_one", dies_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        materialise.merge_to_folder(other, out, max_shard_size="60KB")
+    left = {p.name: p.read_bytes() for p in out.glob("model*")}
+    assert not any(old.get(name) == data for name, data in left.items())
+    assert left and "model.safetensors.index.json" not in left  # the new first shard, alone
+
+
 def test_bfloat16_output_matches_inplace_rounding(tiny_models, merged, tmp_path):
     from evomerge.merge.materialise import merge_to_folder
 

@@ -536,6 +536,13 @@ def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_s
     size_of = dict(sizes)
 
     out.mkdir(parents=True, exist_ok=True)
+    # Weights of an earlier merge in this folder go first: were this merge interrupted after
+    # replacing some shards, the old index and the other old shards would load as a silent
+    # mix of two merges; an incomplete set fails to load instead.
+    for stale in out.iterdir():
+        if _WEIGHT_FILE.match(stale.name):
+            stale.unlink()
+    _fsync_dir(out)
     plans: dict[str, GroupPlan] = {}
     weight_map: dict[str, str] = {}
     with torch.no_grad():
@@ -561,10 +568,6 @@ def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_s
                     f.write(data)
     if len(files) > 1:
         _write_json(out / SAFE_INDEX, {"metadata": {"total_size": sum(size_of.values())}, "weight_map": weight_map})
-    for stale in out.iterdir():  # weights of an earlier merge in the same folder would confuse loaders
-        if _WEIGHT_FILE.match(stale.name) and stale.name not in files and not (
-                stale.name == SAFE_INDEX and len(files) > 1):
-            stale.unlink()
 
     config = dict(ref.config)
     config["dtype"] = out_name
