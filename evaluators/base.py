@@ -150,17 +150,27 @@ class ObjectiveSet:
         self.build_s = time.perf_counter() - t0
         #: seconds spent per evaluator kind in the last ``evaluate`` call
         self.last_timings: dict[str, float] = {}
+        #: per-item values of each single-measurement objective from the last call, when its
+        #: evaluator reports them (lm_eval does on the heldout split): paired comparisons need them
+        self.last_items: dict[str, list[float]] = {}
 
     def evaluate(self, model: Any, split: Split = "selection") -> dict[str, float]:
         """Score the live model on every objective: {objective name: value}."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         measurements: dict[str, float] = {}
+        items: dict[str, list[float]] = {}
         self.last_timings = {}
         for kind, ev in self.evaluators.items():
             t0 = time.perf_counter()
             measurements.update(ev(model, split))
+            items.update(getattr(ev, "last_items", None) or {})
             self.last_timings[kind] = time.perf_counter() - t0
+        self.last_items = {}
+        for o in self.objectives:
+            terms = self._terms[o.name][1]
+            if len(terms) == 1 and terms[0].weight == 1.0 and terms[0].key in items:
+                self.last_items[o.name] = items[terms[0].key]
         return {o.name: combine(self._terms[o.name][1], measurements) for o in self.objectives}
 
 

@@ -91,7 +91,8 @@ def evaluation_settings(cfg: SearchConfig) -> dict[str, Any]:
     """The part of a config that determines scores (besides the recipe)."""
     return {
         "version": KEY_VERSION,
-        "objectives": [o.model_dump(mode="json") for o in cfg.objectives],
+        # heldout_limit decides held-out scores only; selection keys stay as they were without it
+        "objectives": [o.model_dump(mode="json", exclude={"heldout_limit"}) for o in cfg.objectives],
         "include_paths": [str(Path(p).expanduser().resolve()) for p in cfg.evaluation.include_paths],
         # the tokenizer the merge uses decides how text is scored
         "tokenizer_source": cfg.models.tokenizer_source,

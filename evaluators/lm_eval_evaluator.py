@@ -56,9 +56,17 @@ class RunSpec:
     gen_kwargs: str | None  # canonical JSON, hashable
 
     @classmethod
-    def of(cls, obj: ObjectiveConfig, task: str, items: str = "sample") -> "RunSpec":
+    def of(cls, obj: ObjectiveConfig, task: str, items: str = "sample", heldout: bool = False) -> "RunSpec":
         gk = json.dumps(obj.gen_kwargs, sort_keys=True) if obj.gen_kwargs else None
-        return cls(task, items, obj.limit, obj.seed, obj.num_fewshot, obj.batch_size, obj.apply_chat_template, gk)
+        return cls(task, items, heldout_limit(obj) if heldout else obj.limit, obj.seed, obj.num_fewshot,
+                   obj.batch_size, obj.apply_chat_template, gk)
+
+
+def heldout_limit(obj: ObjectiveConfig) -> int | None:
+    """Items of the held-out run: ``heldout_limit`` ("all" = every item), else the selection ``limit``."""
+    if obj.heldout_limit == "all":
+        return None
+    return obj.limit if obj.heldout_limit is None else obj.heldout_limit
 
 
 @dataclass
@@ -205,15 +213,18 @@ class LmEvalEvaluator:
                 sel = RunSpec.of(obj, task)
                 held_name = obj.heldout_task if (obj.heldout_task and not obj.components) else f"{task}_heldout"
                 if ti.entry(self._manager, held_name) is not None:
-                    held = RunSpec.of(obj, held_name)
+                    held = RunSpec.of(obj, held_name, heldout=True)
                 else:
-                    held = RunSpec.of(obj, task, items="complement")
+                    held = RunSpec.of(obj, task, items="complement", heldout=True)
                 key = f"{task}|{metric}|{json.dumps(sel.__dict__, sort_keys=True)}"
                 self._logical[key] = _Logical(metric, sel, held)
                 terms.append(Term(key, weight))
             self._terms[obj.name] = terms
         self._runs: dict[RunSpec, _Run] = {}
         self._lms: dict[tuple[int, str], Any] = {}
+        #: per-item values of each measurement from the last heldout call, in doc-id order
+        #: (what a paired bootstrap of two models needs); selection calls leave it empty
+        self.last_items: dict[str, list[float]] = {}
         #: how many lm-eval task dicts were built (tests assert it stays flat across calls)
         self.task_builds = 0
         # Selection runs are built now; heldout runs on the first heldout call.
@@ -300,14 +311,24 @@ class LmEvalEvaluator:
             spec = logical.selection if split == "selection" else logical.heldout
             specs.setdefault(spec, []).append(key)
         out: dict[str, float] = {}
+        items = split == "heldout"
+        self.last_items = {}
         for spec, keys in specs.items():
-            results = self.run_spec(model, spec)
+            results = self.run_spec(model, spec, samples=items)
             for key in keys:
-                out[key] = _metric_from_result(spec.task, self._logical[key].metric, results)
+                metric = self._logical[key].metric
+                out[key] = _metric_from_result(spec.task, metric, results)
+                if items:
+                    per_item = _items_from_samples(spec.task, metric, results.get("__samples__") or {})
+                    if per_item is not None:
+                        self.last_items[key] = per_item
         return out
 
-    def run_spec(self, model: Any, spec: RunSpec) -> dict[str, Any]:
-        """Run one built task dict on the live model; returns lm-eval's ``results`` mapping."""
+    def run_spec(self, model: Any, spec: RunSpec, samples: bool = False) -> dict[str, Any]:
+        """Run one built task dict on the live model; returns lm-eval's ``results`` mapping.
+
+        ``samples``: also log lm-eval's per-item records, returned under ``"__samples__"``.
+        """
         import numpy as np
         import torch
         from lm_eval.evaluator import evaluate
@@ -327,7 +348,7 @@ class LmEvalEvaluator:
                 task_dict=run.loaded,
                 limit=None,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=samples,
                 apply_chat_template=spec.apply_chat_template,
                 fewshot_as_multiturn=spec.apply_chat_template,
             )
@@ -336,6 +357,8 @@ class LmEvalEvaluator:
                 model.train()
         if res is None:
             raise EvaluatorError("lm-eval returned no results (non-zero rank?)")
+        if samples:
+            return {**res["results"], "__samples__": res.get("samples") or {}}
         return res["results"]
 
     def doc_ids(self, objective: ObjectiveConfig, split: Split = "selection") -> dict[str, list[int]]:
@@ -346,6 +369,24 @@ class LmEvalEvaluator:
             run = self._run(logical.selection if split == "selection" else logical.heldout)
             ids.update(run.doc_ids)
         return ids
+
+
+def _items_from_samples(task: str, metric: str, samples: dict[str, list[dict[str, Any]]]) -> list[float] | None:
+    """Per-item values of ``metric`` for ``task``, ordered by doc id; None when lm-eval logged none.
+
+    Only a leaf task logs samples, and only a metric computed per item (not a corpus-level
+    one such as BLEU) has a number per item; anything else yields None.
+    """
+    rows = samples.get(task)
+    if not rows:
+        return None
+    name, filt = ti.split_metric(metric)
+    filters = {r.get("filter") for r in rows}
+    filt = filt or ("none" if "none" in filters else (filters.pop() if len(filters) == 1 else None))
+    picked = sorted((r for r in rows if r.get("filter") == filt), key=lambda r: r["doc_id"])
+    if not picked or any(not isinstance(r.get(name), (int, float)) for r in picked):
+        return None
+    return [float(r[name]) for r in picked]
 
 
 def _install_docs(task: Any, spec: RunSpec, name: str) -> list[int]:

@@ -130,6 +130,8 @@ class CandidateEvaluator:
             t2 = time.perf_counter()
             result["timings"] = {"merge_s": t1 - t0, "eval_s": t2 - t1}
             result["scores"] = {k: float(v) for k, v in scores.items()}
+            if self.objectives.last_items:
+                result["items"] = {k: list(v) for k, v in self.objectives.last_items.items()}
             bad = [k for k, v in result["scores"].items() if v != v]  # NaN
             if bad:
                 raise ValueError(f"objective(s) {', '.join(bad)} returned NaN")

@@ -112,6 +112,8 @@ class ObjectiveConfig(_Strict):
     components: list[ObjectiveComponent] | None = None
     direction: Literal["maximize", "minimize"] | None = None
     limit: int | None = None
+    heldout_limit: int | Literal["all"] | None = Field(
+        None, description='Items of the held-out re-score: a number, "all", or null for the same as limit.')
     num_fewshot: int | None = None
     batch_size: int | str = 16
     apply_chat_template: bool = False
@@ -125,6 +127,13 @@ class ObjectiveConfig(_Strict):
     def _limit(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
             raise ValueError(f"limit must be > 0 (got {v}); leave it out to use every item")
+        return v
+
+    @field_validator("heldout_limit")
+    @classmethod
+    def _heldout_limit(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f'heldout_limit must be > 0 (got {v}); use "all" for every held-out item')
         return v
 
     @model_validator(mode="after")

@@ -564,6 +564,7 @@ class Search:
             rec = {"kind": "reference", "label": label, "recipe": recipe,
                    "scores": sel["scores"] if sel["status"] == "ok" else {},
                    "heldout": held["scores"] if held and held["status"] == "ok" else None,
+                   "heldout_items": held.get("items") if held and held["status"] == "ok" else None,
                    "status": sel["status"], "error": sel.get("error") or (held or {}).get("error"),
                    "timings": sel.get("timings"), "finished_at": time.time()}
             self.run.append_evaluation(rec)
@@ -584,6 +585,8 @@ class Search:
                 continue
             rec = {"kind": "heldout", "id": i, "scores": res["scores"], "status": res["status"],
                    "error": res.get("error"), "finished_at": time.time()}
+            if res.get("items"):
+                rec["items"] = res["items"]  # per-item values: paired intervals between models
             self.run.append_evaluation(rec)
             if res["status"] == "ok":
                 self.heldout[i] = res["scores"]

@@ -64,6 +64,7 @@ class Reference:
     recipe: dict[str, Any] | None
     scores: dict[str, float]
     heldout: dict[str, float] | None = None
+    heldout_items: dict[str, list[float]] | None = None  # per-item held-out values, when logged
 
     @property
     def short_label(self) -> str:
@@ -86,6 +87,8 @@ class RunView:
     references: list[Reference]
     front: list[str]
     front_hypervolume: float | None = None
+    #: per-item held-out values {id: {objective: [value per item]}}, for runs that logged them
+    heldout_items: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     # -- lookups -----------------------------------------------------------------
     @property
@@ -193,6 +196,7 @@ def load_run(run_dir: str | Path) -> RunView:
 
     evaluations: list[Evaluation] = []
     heldout: dict[str, dict[str, float]] = {}
+    heldout_items: dict[str, dict[str, list[float]]] = {}
     references: list[Reference] = []
     for rec in read_jsonl(log_path):
         kind = rec.get("kind", "evaluation")
@@ -204,9 +208,12 @@ def load_run(run_dir: str | Path) -> RunView:
                 finished_at=rec.get("finished_at")))
         elif kind == "heldout" and "id" in rec and rec.get("status", "ok") == "ok":
             heldout[str(rec["id"])] = dict(rec.get("scores") or {})
+            if isinstance(rec.get("items"), dict):
+                heldout_items[str(rec["id"])] = rec["items"]
         elif kind == "reference":
             references.append(Reference(label=str(rec.get("label", "reference")), recipe=rec.get("recipe"),
-                                        scores=dict(rec.get("scores") or {}), heldout=rec.get("heldout")))
+                                        scores=dict(rec.get("scores") or {}), heldout=rec.get("heldout"),
+                                        heldout_items=rec.get("heldout_items")))
     # front/<id>/scores.json may hold heldout scores the log does not (written by rescoring).
     for sc in sorted(path.glob("front/*/scores.json")):
         try:
@@ -217,7 +224,7 @@ def load_run(run_dir: str | Path) -> RunView:
             heldout[sc.parent.name] = dict(held)
 
     view = RunView(path=path, config=config, objectives=objectives, evaluations=evaluations, heldout=heldout,
-                   references=references, front=[], front_hypervolume=None)
+                   references=references, front=[], front_hypervolume=None, heldout_items=heldout_items)
     fresh = front and isinstance(front.get("members"), list) and int(front.get("evaluations") or 0) >= len(evaluations)
     if fresh:
         view.front = [str(m) for m in front["members"]]  # type: ignore[index]

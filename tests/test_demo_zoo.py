@@ -107,7 +107,8 @@ def test_splits_are_deterministic_and_disjoint():
     for skill in ds.SKILLS:
         sel, held = ds.eval_items(skill, "selection"), ds.eval_items(skill, "heldout")
         assert sel == ds.eval_items(skill, "selection")
-        assert len(sel) == len(held) == ds.SPLIT_SIZE
+        assert (len(sel), len(held)) == (ds.SPLIT_SIZES["selection"], ds.SPLIT_SIZES["heldout"]) == (256, 512)
+        assert ds.eval_items(skill, "heldout", 128) == held[:128]
         sel_in, held_in = {it["input"] for it in sel}, {it["input"] for it in held}
         assert len(sel_in) == len(sel) and len(held_in) == len(held)
         assert not sel_in & held_in
@@ -136,7 +137,7 @@ def test_task_loader_resolves_paths_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     d = task_utils.load_jsonl_splits(data_files={"selection": "data/sort_selection.jsonl"}, version=1.0)
     assert d["selection"][0] == ds.eval_items("sort", "selection")[0]
-    assert len(d["selection"]) == ds.SPLIT_SIZE
+    assert len(d["selection"]) == ds.SPLIT_SIZES["selection"]
 
 
 @pytest.mark.slow
@@ -181,3 +182,82 @@ def test_base_corpus_demo_share_uses_training_words_only():
     for p, a in others:
         name, word = p[:-1].split(" ")
         assert ds.split_of(name, word) == "train" and a == ds.SKILLS[name].answer(word) + "\n"
+
+
+# -- the shipped zoo and the builder's property check ----------------------------------------------
+SHIPPED = REPO / "models" / "demo"
+
+
+def test_shipped_zoo_matches_its_manifest_and_holds_its_properties():
+    import build_demo_zoo
+
+    assert build_demo_zoo.verify_zoo(SHIPPED) == []
+    manifest = json.loads((SHIPPED / "zoo.json").read_text())
+    assert manifest["version"] == build_demo_zoo.ZOO_VERSION and not manifest["reduced"]
+    assert manifest["heldout_items"] == ds.SPLIT_SIZES["heldout"] == 512
+    props = build_demo_zoo.ZooProperties(**{k: v for k, v in manifest["properties"]["required"].items()})
+    assert props == build_demo_zoo.ZooProperties()
+    assert build_demo_zoo.check_properties(manifest["heldout_exact_match"], list(ds.SKILLS), props) == []
+    for skill in ds.SKILLS:
+        assert manifest["models"][skill]["parent_weights"] == manifest["models"]["base"]["hashes"]["model.safetensors"]
+
+
+def test_verify_zoo_names_a_changed_or_missing_file(zoos, tmp_path):
+    import shutil
+
+    import build_demo_zoo
+
+    (a, _), _ = zoos
+    copy = tmp_path / "zoo"
+    shutil.copytree(a, copy)
+    assert build_demo_zoo.verify_zoo(copy) == []
+    weights = copy / "upper" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    (copy / "shift" / "tokenizer.json").unlink()
+    assert build_demo_zoo.verify_zoo(copy) == [f"{copy / 'shift' / 'tokenizer.json'} (missing)",
+                                               f"{weights} (sha256 differs from zoo.json)"]
+
+
+def _scores(base=0.1, own=0.8, other=0.3, uniform=0.5):
+    s = {m: {k: other for k in ds.SKILLS} for m in ds.SKILLS}
+    for k in ds.SKILLS:
+        s[k][k] = own
+    s["base"] = {k: base for k in ds.SKILLS}
+    s["uniform_average"] = {k: uniform for k in ds.SKILLS}
+    return s
+
+
+def test_property_check_by_hand():
+    import build_demo_zoo
+
+    props, skills = build_demo_zoo.ZooProperties(), list(ds.SKILLS)
+    assert build_demo_zoo.check_properties(_scores(), skills, props) == []
+    weak_sort = _scores()
+    weak_sort["sort"]["sort"] = 0.45  # only +0.15 over the others, and below the uniform average's 0.5
+    failed = build_demo_zoo.check_properties(weak_sort, skills, props)
+    assert [line.split(":")[0] for line in failed] == ["own_margin", "uniform_gap"]
+    assert "specialist sort scores 0.450 on sort" in failed[0] and "sort" in failed[1]
+    assert build_demo_zoo._failing_specialists(failed, skills) == ["sort"]
+    strong_base = build_demo_zoo.check_properties(_scores(base=0.6), skills, props)
+    assert len(strong_base) == 2 * len(skills) and all(line.startswith(("base_max", "own_margin")) for line in strong_base)
+    assert "base scores 0.600 on sort; must be at most 0.40" in " ".join(strong_base)
+
+
+def test_builder_trains_more_then_fails_naming_the_property(tmp_path):
+    """A reduced zoo asked for a margin it cannot reach: bounded extra rounds, then one clear error, no manifest."""
+    import build_demo_zoo
+
+    lines: list[str] = []
+    props = build_demo_zoo.ZooProperties(own_margin=0.99, uniform_gap=-1.0, base_max=1.0, extra_steps=2,
+                                         max_extra_rounds=2)
+    with pytest.raises(build_demo_zoo.ZooPropertyError, match=r"after 2 extra round\(s\): own_margin: specialist"):
+        build_demo_zoo.build(tmp_path, seed=0, reduced=True, check_merges=False, log=lines.append, properties=props)
+    assert sum("extra round 1" in line for line in lines) == len(ds.SKILLS)
+    assert sum("extra round 2" in line for line in lines) == len(ds.SKILLS)
+    assert not (tmp_path / "zoo.json").exists()
+
+    with pytest.raises(build_demo_zoo.ZooPropertyError, match=r"after 0 extra round\(s\): base_max: base scores"):
+        build_demo_zoo.build(tmp_path / "b", seed=0, reduced=True, check_merges=False, log=lines.append,
+                             properties=build_demo_zoo.ZooProperties(own_margin=-1, uniform_gap=-1, base_max=-0.5))

@@ -198,6 +198,44 @@ def test_heldout_uses_twin_task_or_complement(world, objset):
     assert len(sel) == 8 and len(comp) == 8 and not sel & comp
 
 
+@pytest.mark.slow  # runs lm-eval
+def test_heldout_reports_per_item_values_and_heldout_limit(world, objset):
+    """Held-out calls give each single-metric objective's value per item, in doc-id order (what a paired
+    bootstrap needs); weighted sums give none; selection calls give none; heldout_limit sets the count."""
+    cfg, objs = objset
+    held = objs.evaluate(world["model"], split="heldout")
+    assert set(objs.last_items) == {"gen", "mc"}  # "sum" has two terms: no per-item value
+    ev = objs.evaluators["lm_eval"]
+    held_ids = ev.doc_ids(cfg.objectives[0], "heldout")["tiny_gen_heldout"]
+    gen_items = objs.last_items["gen"]
+    assert gen_items == [float(F.expected_exact_match(world["model"], world["tok"], world["held"], [i])) for i in held_ids]
+    assert sum(gen_items) / len(gen_items) == pytest.approx(held["gen"])
+    assert sum(objs.last_items["mc"]) / 8 == pytest.approx(held["mc"])
+    objs.evaluate(world["model"])
+    assert objs.last_items == {}
+
+    from evaluators import build_objectives
+
+    every = make_cfg(world, [{**GEN, "heldout_limit": "all"}])
+    some = make_cfg(world, [{**GEN, "heldout_limit": 5}])
+    for c, n in ((every, 12), (some, 5)):
+        o = build_objectives(c, world["tok"], "cpu")
+        o.evaluate(world["model"], split="heldout")
+        assert len(o.last_items["gen"]) == n
+        assert len(o.evaluators["lm_eval"].doc_ids(c.objectives[0], "heldout")["tiny_gen_heldout"]) == n
+        assert len(o.evaluators["lm_eval"].doc_ids(c.objectives[0])["tiny_gen"]) == 10  # selection unchanged
+    with pytest.raises(ConfigError, match="heldout_limit must be > 0"):
+        make_cfg(world, [{**GEN, "heldout_limit": 0}])
+
+
+def test_heldout_limit_does_not_change_selection_cache_keys(world):
+    from evaluators.cache import evaluation_settings
+
+    a = make_cfg(world, [GEN])
+    b = make_cfg(world, [{**GEN, "heldout_limit": "all"}])
+    assert evaluation_settings(a) == evaluation_settings(b)
+
+
 # -- perplexity ---------------------------------------------------------------------------
 def _hand_ppl(model, ids, length):
     import torch

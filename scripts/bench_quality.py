@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Search quality, side by side on the shipped demo zoo, at the same evaluation budget.
+
+    .venv/bin/python scripts/bench_quality.py [--seed 0] [--budget 400] [--out runs/bench_quality]
+
+Compared, in one run:
+
+- **evomerge**: the demo's own search (``configs/demo.yaml``): multi-objective (one objective
+  per skill), a merge-method gene, per-layer-group genes, DE.
+- **mergekit-evolve-style**: what mergekit-evolve does -- CMA-ES over per-layer-group weights
+  and densities of one fixed method (``dare_ties``, its README's example), one objective: the
+  mean of the skills. Same space, same items, same budget, same actors.
+- the **uniform average** of the specialists, and the **best single specialist** (best
+  *selection* mean among the specialists: nothing is chosen on held-out items).
+
+For each search the member is chosen on the selection split only (best selection mean). Every
+model is then scored on all held-out items (512 per skill) by the same in-process evaluator
+(``CandidateEvaluator``, what the Ray actors run). Printed per row: the held-out mean with its
+95% bootstrap interval, evomerge's chosen member minus the row (paired 95% interval), and the
+held-out hypervolume of the search's final front (reference point: 0 on every skill; a
+one-objective search's front is its best member).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEMO = ROOT / "configs" / "demo.yaml"
+#: the fixed method of the mergekit-evolve-style search (mergekit-evolve README's example genome)
+MKE_METHOD = "dare_ties"
+
+
+def mergekit_evolve_config(demo: dict[str, Any], seed: int, budget: int) -> dict[str, Any]:
+    """The demo config turned into a mergekit-evolve-style search: one method, one mean objective, CMA-ES."""
+    cfg = json.loads(json.dumps(demo))
+    objs = demo["objectives"]
+    cfg["name"] = "bench-mergekit-evolve"
+    cfg["merge"] = {**demo.get("merge", {}), "methods": [MKE_METHOD]}
+    cfg["objectives"] = [{
+        "name": "mean", "evaluator": "lm_eval", "limit": objs[0].get("limit"),
+        "components": [{"task": o["task"], "metric": o["metric"], "weight": 1.0 / len(objs)} for o in objs],
+    }]
+    cfg["optimizer"] = {"name": "CMA", "seed": seed}
+    cfg["budget"] = {"evaluations": budget}
+    cfg["evaluation"] = {**demo.get("evaluation", {}), "rescore_heldout": False}
+    return cfg
+
+
+def run_search(config: Path | None, args: list[str], env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--no-progress", *args]
+    rc = subprocess.call(cmd, env=env, cwd=ROOT)
+    if rc != 0:
+        raise SystemExit(f"bench_quality: `{' '.join(cmd)}` failed (exit {rc})")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=int, default=None, help="evaluations per search (default: the demo's)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    os.environ.update(env)
+    from build_demo_zoo import verify_zoo
+
+    bad = verify_zoo(ROOT / "models" / "demo")
+    if bad:
+        raise SystemExit(f"bench_quality: the shipped demo zoo is damaged: {bad[0]}; `git checkout -- models/demo`")
+    demo = yaml.safe_load(DEMO.read_text())
+    budget = args.budget or demo["budget"]["evaluations"]
+    out = args.out / f"seed{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    evo_dir, mke_dir = out / "evomerge", out / "mergekit_evolve"
+    run_search(DEMO, ["--run-dir", str(evo_dir), "--set", f"optimizer.seed={args.seed}",
+                      "--set", f"budget.evaluations={budget}"], env)
+    mke_cfg = out / "mergekit_evolve.yaml"
+    mke_cfg.write_text(yaml.safe_dump(mergekit_evolve_config(demo, args.seed, budget), sort_keys=False))
+    run_search(mke_cfg, ["--run-dir", str(mke_dir)], env)
+    search_s = time.monotonic() - t0
+
+    from evomerge.archive import hypervolume_max
+    from evomerge.config import load_config
+    from evomerge.paired import mean_interval, paired_difference
+    from evomerge.runview import load_run
+    from evomerge.verdict import choose_on_selection, selection_mean
+
+    evo, mke = load_run(evo_dir), load_run(mke_dir)
+    names = evo.objective_names
+    cfg = load_config(DEMO, [f"optimizer.seed={args.seed}"])
+    from evomerge.actors import CandidateEvaluator
+
+    scorer = CandidateEvaluator(cfg.model_dump(mode="json"), 0, "cpu", str(ROOT))
+    cache: dict[str, dict[str, list[float]]] = {}
+
+    def heldout_items(key: str, recipe: dict[str, Any]) -> dict[str, list[float]]:
+        if key not in cache:
+            res = scorer.evaluate(key, recipe, "heldout")
+            if res["status"] != "ok" or not res.get("items"):
+                raise SystemExit(f"bench_quality: held-out scoring of {key} failed: {res.get('error')}")
+            cache[key] = res["items"]
+        return cache[key]
+
+    # The chosen members (selection only) and the baselines.
+    evo_id = choose_on_selection(evo, "mean")
+    mke_id = choose_on_selection(mke, "mean")
+    rows: dict[str, dict[str, list[float]]] = {
+        f"evomerge ({evo_id})": heldout_items(f"evo:{evo_id}", evo.get(evo_id).recipe),
+        f"mergekit-evolve-style ({mke_id})": heldout_items(f"mke:{mke_id}", mke.get(mke_id).recipe),
+    }
+    refs = {r.label: r for r in evo.references}
+    rows["uniform average"] = heldout_items("ref:uniform", refs["uniform"].recipe)
+    sources = [r for r in evo.references if r.label.startswith("source:")]
+    best_src = max(sources, key=lambda r: selection_mean(r.scores, evo))
+    rows[f"best specialist ({best_src.short_label}, on selection)"] = heldout_items(f"ref:{best_src.label}",
+                                                                                    best_src.recipe)
+
+    # Held-out hypervolume of each final front (reference point: 0 on every skill).
+    def front_hv(view, prefix: str) -> tuple[float, int]:
+        pts = []
+        for e in view.front_evaluations():
+            items = heldout_items(f"{prefix}:{e.id}", e.recipe)
+            pts.append([sum(items[n]) / len(items[n]) for n in names])
+        return hypervolume_max(pts, [0.0] * len(names)), len(pts)
+
+    hv = {f"evomerge ({evo_id})": front_hv(evo, "evo"), f"mergekit-evolve-style ({mke_id})": front_hv(mke, "mke")}
+
+    lead = next(iter(rows))
+    n_items = {n: len(rows[lead][n]) for n in names}
+    print(f"\nbench_quality: seed {args.seed}, {budget} evaluations per search, held-out items "
+          + ", ".join(f"{n} {k}" for n, k in n_items.items()) + f"; searches {search_s:.0f}s")
+    print("row".ljust(44) + "".join(n.rjust(7) for n in names)
+          + "   held-out mean [95%]      evomerge − row [95% paired]   held-out HV (front)")
+    for label, items in rows.items():
+        m, lo, hi = mean_interval(items, names)
+        diff = "" if label == lead else paired_difference(rows[lead], items, names).describe()
+        hv_txt = f"{hv[label][0]:.4f} ({hv[label][1]})" if label in hv else ""
+        print(label.ljust(44) + "".join(f"{sum(items[n]) / len(items[n]):7.3f}" for n in names)
+              + f"   {m:.3f} [{lo:.3f}, {hi:.3f}]".ljust(27) + f"{diff:<30}{hv_txt}")
+    verdicts = {label: paired_difference(rows[lead], items, names) for label, items in rows.items() if label != lead}
+    beats = [label for label, d in verdicts.items() if d.above_zero]
+    print(f"evomerge's chosen member beats, with the 95% interval above zero: {', '.join(beats) or 'none'}; "
+          f"{time.monotonic() - t0:.0f}s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
