@@ -54,12 +54,17 @@ class RunSpec:
     batch_size: int | str
     apply_chat_template: bool
     gen_kwargs: str | None  # canonical JSON, hashable
+    #: "complement" only: how many of the items outside the ``limit`` sample (None: all of them)
+    count: int | None = None
 
     @classmethod
     def of(cls, obj: ObjectiveConfig, task: str, items: str = "sample", heldout: bool = False) -> "RunSpec":
+        """``heldout``: a held-out twin task takes ``heldout_limit`` items; a complement excludes the
+        selection sample (``limit``) and takes ``heldout_limit`` of the rest."""
         gk = json.dumps(obj.gen_kwargs, sort_keys=True) if obj.gen_kwargs else None
-        return cls(task, items, heldout_limit(obj) if heldout else obj.limit, obj.seed, obj.num_fewshot,
-                   obj.batch_size, obj.apply_chat_template, gk)
+        limit = heldout_limit(obj) if heldout and items == "sample" else obj.limit
+        count = heldout_limit(obj) if heldout and items == "complement" else None
+        return cls(task, items, limit, obj.seed, obj.num_fewshot, obj.batch_size, obj.apply_chat_template, gk, count)
 
 
 def heldout_limit(obj: ObjectiveConfig) -> int | None:
@@ -94,14 +99,18 @@ def sample_ids(n: int, limit: int | None, seed: int, task: str) -> list[int]:
     return sorted(random.Random(f"{seed}|{task}").sample(range(n), limit))
 
 
-def complement_ids(n: int, limit: int | None, seed: int, task: str) -> list[int]:
-    """Heldout ids of a task without a heldout twin: a seeded sample outside the selection sample."""
+def complement_ids(n: int, limit: int | None, seed: int, task: str, count: int | None | str = "limit") -> list[int]:
+    """Heldout ids of a task without a heldout twin: a seeded sample outside the selection sample.
+
+    ``count`` items of the rest (None: all of them; the default: as many as the selection's ``limit``).
+    """
     chosen = set(sample_ids(n, limit, seed, task))
     rest = [i for i in range(n) if i not in chosen]
     if not rest:
         log.warning("task %s: no items outside the selection sample; heldout scores reuse them", task)
         return sorted(chosen)
-    k = len(rest) if limit is None else min(limit, len(rest))
+    count = limit if count == "limit" else count
+    k = len(rest) if count is None else min(int(count), len(rest))
     return sorted(random.Random(f"{seed}|{task}|heldout").sample(rest, k))
 
 
@@ -394,7 +403,7 @@ def _install_docs(task: Any, spec: RunSpec, name: str) -> list[int]:
     docs = task.eval_docs
     n = len(docs)
     if spec.items == "complement":
-        ids = complement_ids(n, spec.limit, spec.seed, name)
+        ids = complement_ids(n, spec.limit, spec.seed, name, spec.count)
     else:
         ids = sample_ids(n, spec.limit, spec.seed, name)
     chosen = docs.select(ids) if hasattr(docs, "select") else [docs[i] for i in ids]

@@ -224,6 +224,12 @@ def test_heldout_reports_per_item_values_and_heldout_limit(world, objset):
         assert len(o.last_items["gen"]) == n
         assert len(o.evaluators["lm_eval"].doc_ids(c.objectives[0], "heldout")["tiny_gen_heldout"]) == n
         assert len(o.evaluators["lm_eval"].doc_ids(c.objectives[0])["tiny_gen"]) == 10  # selection unchanged
+    # a task without a held-out twin: the items outside the selection sample (16 - 8), or heldout_limit of them
+    for hl, n in (("all", 8), (3, 3), (None, 8)):
+        c = make_cfg(world, [{**MC, "heldout_limit": hl}])
+        o = build_objectives(c, world["tok"], "cpu")
+        held_ids = set(o.evaluators["lm_eval"].doc_ids(c.objectives[0], "heldout")["tiny_mc"])
+        assert len(held_ids) == n and not held_ids & set(o.evaluators["lm_eval"].doc_ids(c.objectives[0])["tiny_mc"])
     with pytest.raises(ConfigError, match="heldout_limit must be > 0"):
         make_cfg(world, [{**GEN, "heldout_limit": 0}])
 

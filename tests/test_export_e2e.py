@@ -81,8 +81,8 @@ def exported(tmp_path_factory):
         "merge": {"methods": ["task_arithmetic", "ties"], "fused": True},  # compiled hot path vs eager export
         "space": {"name": "layerwise", "layer_group_size": 1},
         "objectives": [{"name": obj, "task": task, "metric": "exact_match", "limit": LIMIT, "seed": 1,
-                        "batch_size": 8} for obj, (task, _) in TASKS.items()],
-        "evaluation": {"include_paths": [str(task_dir)], "rescore_heldout": False},
+                        "batch_size": 8, "heldout_limit": "all"} for obj, (task, _) in TASKS.items()],
+        "evaluation": {"include_paths": [str(task_dir)], "rescore_heldout": True},
         "optimizer": {"name": "DE", "seed": 0},
         "budget": {"evaluations": 8},
         "ray": {"actors": 1, "num_cpus_per_actor": 1},
@@ -168,3 +168,27 @@ def test_exported_knee_scores_the_same_under_lm_eval_cli(exported):
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     for obj, (task, _) in TASKS.items():
         assert F.expected_exact_match(model, exported["tok"], exported["gen"][obj], samples[task]) == recorded[obj]
+
+
+def test_heldout_records_carry_per_item_scores_for_the_verdict(exported):
+    """The driver logs each held-out item's value (front members and references), so a paired verdict
+    can be drawn from the run dir alone: the items' means are the logged scores, on the 8 items outside
+    the selection sample (heldout_limit: all of the 16 - 8)."""
+    from evomerge.runview import load_run
+    from evomerge.verdict import choose_on_selection, heldout_comparisons
+
+    view = load_run(exported["run_dir"])
+    assert set(view.heldout_items) == set(view.heldout) == set(view.front)
+    for eid, items in view.heldout_items.items():
+        for obj in TASKS:
+            assert len(items[obj]) == 16 - LIMIT and set(items[obj]) <= {0.0, 1.0}
+            assert sum(items[obj]) / len(items[obj]) == view.heldout[eid][obj]
+    refs = {r.label: r for r in view.references}
+    assert refs["uniform"].heldout_items is not None
+    member = choose_on_selection(view)
+    comps = {c.baseline: c for c in heldout_comparisons(view, member)}
+    assert set(comps) == {r.label for r in view.references}
+    for label, c in comps.items():
+        mean = lambda s: sum(s.values()) / len(s)  # noqa: E731
+        assert c.difference.diff == pytest.approx(mean(view.heldout[member]) - mean(refs[label].heldout))
+        assert c.difference.low <= c.difference.diff <= c.difference.high

@@ -75,7 +75,7 @@ def test_lm_eval_cli_matches_in_memory(tmp_path):
 
 
 def _demo_case() -> tuple[Path, str, str] | None:
-    """(specialist folder, task, metric) from the demo zoo, when it has been built."""
+    """(specialist folder, task, metric) from the shipped demo zoo."""
     import yaml
 
     root = Path(__file__).resolve().parents[1]
@@ -94,10 +94,9 @@ def _demo_case() -> tuple[Path, str, str] | None:
 
 @pytest.mark.timeout(300)
 def test_lm_eval_cli_matches_in_memory_on_demo_specialist(tmp_path):
-    """Same check on a real demo specialist and demo task; skipped until the zoo is built."""
+    """Same check on a real demo specialist and demo task (the zoo is shipped in models/demo)."""
     case = _demo_case()
-    if case is None:
-        pytest.skip("demo zoo not built (python scripts/build_demo_zoo.py)")
+    assert case is not None, "models/demo is missing a specialist; restore it with `git checkout -- models/demo`"
     import torch
     from transformers import AutoModelForCausalLM
 
