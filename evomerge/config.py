@@ -10,16 +10,63 @@ by ``load_config`` through the owning modules.
 from __future__ import annotations
 
 import copy
+import math
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, read_utf8
 
 #: Parameters a search space may search, with the meaning mergekit gives them.
 SEARCHABLE_PARAMS = ("weight", "density", "epsilon", "gamma", "t", "lambda")
+
+#: The widest ``space.bounds`` each parameter may have, and why: bounds outside these
+#: are almost always a typo (a missing decimal point) and would waste the whole budget
+#: on merges that cannot work.
+PARAM_RANGES: dict[str, tuple[float, float, str]] = {
+    "weight": (-10.0, 10.0, "beyond that a merge is numerically meaningless"),
+    "density": (0.0, 1.0, "it is the fraction of each task vector kept"),
+    "epsilon": (0.0, 1.0, "it spreads DELLA's keep probabilities around density, a fraction"),
+    "gamma": (0.0, 1.0, "it is the fraction of largest magnitudes breadcrumbs drops"),
+    "t": (0.0, 1.0, "it is slerp's interpolation fraction between base and source"),
+    "lambda": (0.0, 10.0, "it scales the merged task vector; beyond that a merge is numerically meaningless"),
+}
+
+#: A run name becomes the folder ``runs/<name>``: one plain path component.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _no_bool(value: Any) -> Any:
+    """Refuse YAML ``true``/``false`` where a number is meant.
+
+    pydantic's lax mode turns ``True`` into ``1``: ``budget.evaluations: true`` would run
+    one evaluation, and ``ray.actors: yes`` one actor, without a word. A bool here is a
+    mistake (often an unquoted ``yes``/``on``), so say so.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}; write a number (YAML reads "
+                         f"yes/no/on/off/true/false as booleans)")
+    return value
+
+
+#: Integer / float fields that must not silently accept a bool.
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
+def _same_source(ref: str) -> str:
+    """A source reference normalised so that spellings of one folder compare equal.
+
+    ``models/demo/sort``, ``models/demo/sort/`` and ``./models/demo/sort`` name the same
+    model (and so does its absolute path); listing it twice would merge it with itself and
+    bias every search. Distinct hub ids stay distinct.
+    """
+    return os.path.abspath(os.path.expanduser(ref.strip()))
 
 
 class _Strict(BaseModel):
@@ -43,8 +90,13 @@ class ModelsConfig(_Strict):
     @field_validator("sources")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("a model is listed twice; list each source once")
+        seen: dict[str, str] = {}
+        for ref in v:
+            key = _same_source(ref)
+            if key in seen:
+                same = f"{ref!r} is" if seen[key] == ref else f"{seen[key]!r} and {ref!r} are the same model"
+                raise ValueError(f"{same} listed twice; list each source once")
+            seen[key] = ref
         return v
 
 
@@ -60,7 +112,7 @@ class MergeConfig(_Strict):
     params: dict[str, float | bool] = Field(
         default_factory=dict, description="Fixed method-level parameters (normalize, rescale, lambda, ...)."
     )
-    seed: int = Field(0, description="Seed of DARE/DELLA masks, combined with each tensor's name.")
+    seed: Int = Field(0, description="Seed of DARE/DELLA masks, combined with each tensor's name.")
     fused: bool | None = Field(
         None, description="Merge task_arithmetic/ties/dare/breadcrumbs tensors with the compiled one-pass kernel "
         "(same bits, faster; compiles on each actor's first candidate). null: on for CPU actors whose "
@@ -72,7 +124,7 @@ class SpaceConfig(_Strict):
     """How a vector of numbers becomes a merge recipe."""
 
     name: str = "layerwise"
-    layer_group_size: int = Field(1, ge=1)
+    layer_group_size: Int = Field(1, ge=1)
     split: list[Literal["attn", "mlp", "norm"]] = Field(default_factory=list)
     bounds: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)}
@@ -86,10 +138,14 @@ class SpaceConfig(_Strict):
         for key, (lo, hi) in v.items():
             if key not in SEARCHABLE_PARAMS:
                 raise ValueError(f"unknown parameter {key!r}; use one of {', '.join(SEARCHABLE_PARAMS)}")
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{key}: bounds [{lo}, {hi}] are not finite numbers; give two finite numbers")
             if lo > hi:
                 raise ValueError(f"{key}: lower bound {lo} > upper bound {hi}; swap them")
-            if key in ("density", "t") and not (0.0 <= lo and hi <= 1.0):
-                raise ValueError(f"{key}: bounds must lie in [0, 1]")
+            low, high, why = PARAM_RANGES[key]
+            if lo < low or hi > high:
+                raise ValueError(f"{key}: bounds [{lo:g}, {hi:g}] leave the range [{low:g}, {high:g}] ({why}); "
+                                 f"keep both bounds within it")
         return v
 
 
@@ -111,16 +167,16 @@ class ObjectiveConfig(_Strict):
     metric: str | None = None
     components: list[ObjectiveComponent] | None = None
     direction: Literal["maximize", "minimize"] | None = None
-    limit: int | None = None
+    limit: Int | None = None
     heldout_limit: int | Literal["all"] | None = Field(
         None, description='Items of the held-out re-score: a number, "all", or null for the same as limit.')
-    num_fewshot: int | None = None
+    num_fewshot: Int | None = None
     batch_size: int | str = 16
     apply_chat_template: bool = False
     gen_kwargs: dict[str, Any] | None = None
     files: list[str] | None = Field(None, description="perplexity: local text files.")
-    max_tokens: int | None = Field(None, description="perplexity: token budget.")
-    seed: int = Field(0, description="Seed of the subsample of items (same items for every candidate).")
+    max_tokens: Int | None = Field(None, description="perplexity: token budget.")
+    seed: Int = Field(0, description="Seed of the subsample of items (same items for every candidate).")
 
     @field_validator("limit")
     @classmethod
@@ -128,6 +184,11 @@ class ObjectiveConfig(_Strict):
         if v is not None and v <= 0:
             raise ValueError(f"limit must be > 0 (got {v}); leave it out to use every item")
         return v
+
+    @field_validator("heldout_limit", mode="before")
+    @classmethod
+    def _heldout_limit_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v)  # here, not in the type: a union would bury the message under its member names
 
     @field_validator("heldout_limit")
     @classmethod
@@ -149,13 +210,13 @@ class OptimizerConfig(_Strict):
     """Any nevergrad optimizer by registry name; None picks a default by objective count."""
 
     name: str | None = None
-    seed: int = 0
-    popsize: int | None = Field(None, ge=1, description="Default: number of actors.")
+    seed: Int = 0
+    popsize: Int | None = Field(None, ge=1, description="Default: number of actors.")
 
 
 class BudgetConfig(_Strict):
-    evaluations: int | None = Field(None, gt=0)
-    wall_clock_s: float | None = Field(None, gt=0)
+    evaluations: Int | None = Field(None, gt=0)
+    wall_clock_s: Float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _some(self) -> "BudgetConfig":
@@ -166,18 +227,18 @@ class BudgetConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = None
-    actors: int | None = Field(None, ge=1, description="CPU actors when no GPU; default one per GPU, else 1.")
-    num_cpus_per_actor: float = Field(1.0, gt=0)
+    actors: Int | None = Field(None, ge=1, description="CPU actors when no GPU; default one per GPU, else 1.")
+    num_cpus_per_actor: Float = Field(1.0, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
-    object_store_memory: int | None = Field(None, description="Bytes, for the embedded local Ray.")
-    max_restarts: int = Field(3, ge=0)
-    eval_timeout_s: float | None = Field(None, gt=0)
+    object_store_memory: Int | None = Field(None, description="Bytes, for the embedded local Ray.")
+    max_restarts: Int = Field(3, ge=0)
+    eval_timeout_s: Float | None = Field(None, gt=0)
     task_vectors_on: Literal["device", "host"] = "device"
 
 
 class OutputConfig(_Strict):
     run_dir: str | None = None
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: Int = Field(10, ge=1)
     save_front_weights: bool = False
 
 
@@ -200,6 +261,15 @@ class SearchConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # the name becomes runs/<name>: a '/' or '..' would write the run somewhere else
+        if not _PLAIN_NAME.fullmatch(v) or ".." in v or not v.strip("."):
+            raise ValueError(f"{v!r} is not a plain name (it becomes the folder runs/<name>); use only letters, "
+                             f"digits, '-', '_' and '.', with no '/' and no '..'")
+        return v
 
     @model_validator(mode="after")
     def _names(self) -> "SearchConfig":
@@ -225,23 +295,58 @@ def _one_line(err: ValidationError) -> str:
     return f"config field {where}: {msg}{more}"
 
 
+def _list_index(assignment: str, where: str, items: list[Any], part: str) -> int:
+    """``part`` as an index into the list at ``where``, or a one-line ConfigError saying which indices exist."""
+    n = len(items)
+    valid = f"{n} entr{'y' if n == 1 else 'ies'} (use an index from 0 to {n - 1})" if n else "no entries"
+    if not part.isdigit():  # also refuses "-1": counting from the end is too easy to misread
+        raise ConfigError(f"--set {assignment!r}: {where} is a list, so {part!r} must be a number; "
+                          f"{where} has {valid}")
+    i = int(part)
+    if i >= n:
+        raise ConfigError(f"--set {assignment!r}: {where} has {valid}, so index {i} does not exist; "
+                          f"add the entry in the config file")
+    return i
+
+
 def _apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``key.path=value`` (value parsed as YAML) to the raw config dict."""
+    """Apply one ``key.path=value`` (value parsed as YAML) to the raw config dict.
+
+    Every way the path can miss the config (a word where a list index goes, an index past
+    the end, a key under a plain value) and a value that is not YAML is one ConfigError
+    naming the override, so a typo on the command line never ends in a traceback.
+    """
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key.path=value")
     key, raw = assignment.split("=", 1)
-    node: Any = data
     parts = key.strip().split(".")
-    for part in parts[:-1]:
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: {key.strip()!r} is not a key path; write it like "
+                          f"budget.evaluations=50")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"--set {assignment!r}: the value {raw!r} is not valid YAML ({problem}); "
+                          f"quote it or close its brackets") from None
+    node: Any = data
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the config"
+        last = depth == len(parts) - 1
         if isinstance(node, list):
-            node = node[int(part)]
+            i = _list_index(assignment, where, node, part)
+            if last:
+                node[i] = value
+            else:
+                node = node[i]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
         else:
-            node = node.setdefault(part, {})
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
+            raise ConfigError(f"--set {assignment!r}: {where} is a single value ({node!r}), not a section, so it "
+                              f"has no key {part!r}; set {where}=VALUE itself")
 
 
 def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> SearchConfig:
@@ -260,7 +365,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass the path of a YAML config")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(read_utf8(p, ConfigError))
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import SearchConfig, check_config, load_config
-from evomerge.errors import EvomergeError
-from evomerge.rundir import RunDir
+from evomerge.errors import EvomergeError, RunDirError
+from evomerge.rundir import RunDir, hold_run_lock
 from evomerge.searchbook import Asked, SearchBook
 
 log = logging.getLogger("evomerge.driver")
@@ -700,6 +700,7 @@ class Search:
             old = {}
         try:
             records = self._start()
+            logged = {r["id"] for r in records if r.get("kind") == "evaluation" and "id" in r}
             with SearchProgress(self.show_progress, title=f"evomerge search: {self.cfg.name}",
                                 budget=self.budget_evals, wall_clock_s=self.cfg.budget.wall_clock_s) as progress:
                 self._references(records, progress)
@@ -712,13 +713,30 @@ class Search:
                 self.checkpoint("searched")
                 if self.cfg.evaluation.rescore_heldout:
                     self.rescore_heldout(progress)
-                self.checkpoint("interrupted" if self.stop_signal is not None else "done")
+                failure = self._failure(logged)
+                # "failed", not "done": run_is_complete must not report a run that found nothing as complete
+                self.checkpoint("interrupted" if self.stop_signal is not None else "failed" if failure else "done")
                 self._show(progress, "done")
             self._summary()
-            return 0 if self.stop_signal is None else 128 + int(self.stop_signal)
+            if self.stop_signal is not None:
+                return 128 + int(self.stop_signal)
+            if failure:
+                log.error("%s", failure)
+                return 1
+            return 0
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def _failure(self, logged_before: set[str]) -> str | None:
+        """The one-line verdict of a session whose candidates all failed, else None.
+
+        Judged on this session's evaluations; a session that evaluated nothing (a resume
+        with the budget already spent) is judged on the whole log, so resuming a run that
+        never produced a score does not turn it into a success.
+        """
+        session = [r for i, r in self.records_by_id.items() if i not in logged_before]
+        return all_failed_line(session or list(self.records_by_id.values()))
 
     def _summary(self) -> None:
         wall = time.monotonic() - self.t0
@@ -741,6 +759,21 @@ def _attach_log(run: RunFiles) -> logging.Handler:
     return handler
 
 
+def all_failed_line(records: list[dict[str, Any]]) -> str | None:
+    """``every candidate failed (N of N); first error: ...`` when no evaluation succeeded, else None.
+
+    A search whose every candidate failed (a broken evaluator, an out-of-memory merge,
+    a missing task) has an empty front and nothing to export: it must not exit 0 as if
+    it had searched. ``records``: evaluation records in log order; other kinds are
+    ignored, and no evaluation at all is not a failure (nothing was asked).
+    """
+    evals = [r for r in records if r.get("kind", "evaluation") == "evaluation"]
+    if not evals or any(r.get("status") == "ok" for r in evals):
+        return None
+    first = next((str(r["error"]) for r in evals if r.get("error")), "no error was recorded")
+    return f"every candidate failed ({len(evals)} of {len(evals)}); first error: {first}"
+
+
 def run_is_complete(cfg: SearchConfig, run: RunFiles) -> bool:
     """True when a previous session finished this run (budget spent, front re-scored): no Ray needed."""
     counters = run.counters()
@@ -752,37 +785,48 @@ def run_is_complete(cfg: SearchConfig, run: RunFiles) -> bool:
 
 
 def run_search(cfg: SearchConfig, run_dir: Path, *, address: str | None, progress: bool) -> int:
-    """Start Ray (unless already up), run a search session on ``run_dir``, stop Ray."""
+    """Start Ray (unless already up), run a search session on ``run_dir``, stop Ray.
+
+    Holds the run dir's lock throughout (already held when called from the commands);
+    returns 0, 1 when every candidate of the session failed, or 128+signal when stopped.
+    """
     import ray
 
     run = RunFiles(run_dir)
-    if run_is_complete(cfg, run):
-        print(f"{run_dir}: this search is complete ({cfg.budget.evaluations} evaluations); "
-              f"see `evomerge status {run_dir}`")
-        return 0
-    handler = _attach_log(run)
-    started = False
-    try:
-        started = init_ray(cfg, address)
-        return Search(cfg, run, progress=progress).execute()
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-        logging.getLogger("evomerge").removeHandler(handler)
-        handler.close()
+    with hold_run_lock(run_dir, "evomerge search"):
+        if run_is_complete(cfg, run):
+            print(f"{run_dir}: this search is complete ({cfg.budget.evaluations} evaluations); "
+                  f"see `evomerge status {run_dir}`")
+            return 0
+        handler = _attach_log(run)
+        started = False
+        try:
+            started = init_ray(cfg, address)
+            return Search(cfg, run, progress=progress).execute()
+        finally:
+            if started and ray.is_initialized():
+                ray.shutdown()
+            logging.getLogger("evomerge").removeHandler(handler)
+            handler.close()
 
 
 def search_command(args: argparse.Namespace) -> int:
-    """``evomerge search CONFIG``: validate everything, then search (or continue the same search)."""
+    """``evomerge search CONFIG``: validate everything, then search (or continue the same search).
+
+    The run dir's lock is taken after the config checks (they touch only the config and
+    the models) and before the run dir is created, compared or cleared by --overwrite,
+    so a second writer fails before it changes anything or starts Ray.
+    """
     cfg = load_config(args.config, getattr(args, "overrides", None) or [])
     check_optimizer(cfg)
     run_dir = Path(getattr(args, "run_dir", None) or cfg.resolved_run_dir())
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_dir": str(run_dir)})})
-    continuing = not RunDir(run_dir).create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
-    if continuing:
-        log.info("%s holds this search already: continuing it", run_dir)
-    return run_search(cfg, run_dir, address=getattr(args, "address", None),
-                      progress=not getattr(args, "no_progress", False))
+    with hold_run_lock(run_dir, "evomerge search"):
+        continuing = not RunDir(run_dir).create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
+        if continuing:
+            log.info("%s holds this search already: continuing it", run_dir)
+        return run_search(cfg, run_dir, address=getattr(args, "address", None),
+                          progress=not getattr(args, "no_progress", False))
 
 
 def load_run_config(run_dir: Path) -> SearchConfig:
@@ -793,19 +837,42 @@ def load_run_config(run_dir: Path) -> SearchConfig:
     return cfg
 
 
+def _require_run_dir(run_dir: Path) -> None:
+    """One line when ``run_dir`` is not a run directory, checked *before* locking it.
+
+    Taking the lock creates ``.lock``; a mistyped path must not get a folder and a lock
+    file made for it.
+    """
+    if not RunDir(run_dir).exists():
+        what = "does not exist" if not run_dir.exists() else "is not a run directory (no config.yaml)"
+        raise RunDirError(f"{run_dir} {what}; pass the run dir of an `evomerge search`")
+
+
 def resume_command(args: argparse.Namespace) -> int:
     """``evomerge resume RUN_DIR``: continue to the original budget, losing and repeating nothing."""
     run_dir = Path(args.run_dir)
-    cfg = load_run_config(run_dir)
-    return run_search(cfg, run_dir, address=getattr(args, "address", None),
-                      progress=not getattr(args, "no_progress", False))
+    _require_run_dir(run_dir)
+    with hold_run_lock(run_dir, "evomerge resume"):
+        cfg = load_run_config(run_dir)
+        return run_search(cfg, run_dir, address=getattr(args, "address", None),
+                          progress=not getattr(args, "no_progress", False))
 
 
 def rescore_front(run_dir: str | Path, address: str | None = None) -> dict[str, dict[str, float]]:
-    """Score the run's current front on the heldout split now (members not scored yet)."""
+    """Score the run's current front on the heldout split now (members not scored yet).
+
+    A writer like a search (it appends heldout records and rewrites the front), so it
+    holds the run dir's lock; ``evomerge status`` without --rescore only reads.
+    """
+    run_dir = Path(run_dir)
+    _require_run_dir(run_dir)
+    with hold_run_lock(run_dir, "evomerge status --rescore"):
+        return _rescore_front_locked(run_dir, address)
+
+
+def _rescore_front_locked(run_dir: Path, address: str | None) -> dict[str, dict[str, float]]:
     import ray
 
-    run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     run = RunFiles(run_dir)
     handler = _attach_log(run)

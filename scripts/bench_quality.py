@@ -43,12 +43,12 @@ DEMO = ROOT / "configs" / "demo.yaml"
 MKE_METHOD = "dare_ties"
 
 
-def mergekit_evolve_config(demo: dict[str, Any], seed: int, budget: int) -> dict[str, Any]:
+def mergekit_evolve_config(demo: dict[str, Any], seed: int, budget: int, method: str = MKE_METHOD) -> dict[str, Any]:
     """The demo config turned into a mergekit-evolve-style search: one method, one mean objective, CMA-ES."""
     cfg = json.loads(json.dumps(demo))
     objs = demo["objectives"]
     cfg["name"] = "bench-mergekit-evolve"
-    cfg["merge"] = {**demo.get("merge", {}), "methods": [MKE_METHOD]}
+    cfg["merge"] = {**demo.get("merge", {}), "methods": [method]}
     cfg["objectives"] = [{
         "name": "mean", "evaluator": "lm_eval", "limit": objs[0].get("limit"),
         "components": [{"task": o["task"], "metric": o["metric"], "weight": 1.0 / len(objs)} for o in objs],
@@ -71,6 +71,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=int, default=None, help="evaluations per search (default: the demo's)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
+    ap.add_argument("--mke-method", default=MKE_METHOD,
+                    help="the fixed method of the mergekit-evolve-style search (default: its README's dare_ties)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -86,11 +88,12 @@ def main(argv: list[str]) -> int:
     out = args.out / f"seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
 
-    evo_dir, mke_dir = out / "evomerge", out / "mergekit_evolve"
+    evo_dir = out / "evomerge"
+    mke_dir = out / ("mergekit_evolve" if args.mke_method == MKE_METHOD else f"mergekit_evolve_{args.mke_method}")
     run_search(DEMO, ["--run-dir", str(evo_dir), "--set", f"optimizer.seed={args.seed}",
                       "--set", f"budget.evaluations={budget}"], env)
-    mke_cfg = out / "mergekit_evolve.yaml"
-    mke_cfg.write_text(yaml.safe_dump(mergekit_evolve_config(demo, args.seed, budget), sort_keys=False))
+    mke_cfg = mke_dir.with_suffix(".yaml")
+    mke_cfg.write_text(yaml.safe_dump(mergekit_evolve_config(demo, args.seed, budget, args.mke_method), sort_keys=False))
     run_search(mke_cfg, ["--run-dir", str(mke_dir)], env)
     search_s = time.monotonic() - t0
 
@@ -121,7 +124,7 @@ def main(argv: list[str]) -> int:
     mke_id = choose_on_selection(mke, "mean")
     rows: dict[str, dict[str, list[float]]] = {
         f"evomerge ({evo_id})": heldout_items(f"evo:{evo_id}", evo.get(evo_id).recipe),
-        f"mergekit-evolve-style ({mke_id})": heldout_items(f"mke:{mke_id}", mke.get(mke_id).recipe),
+        f"mergekit-evolve-style, {args.mke_method} ({mke_id})": heldout_items(f"mke:{mke_id}", mke.get(mke_id).recipe),
     }
     refs = {r.label: r for r in evo.references}
     rows["uniform average"] = heldout_items("ref:uniform", refs["uniform"].recipe)
@@ -134,11 +137,13 @@ def main(argv: list[str]) -> int:
     def front_hv(view, prefix: str) -> tuple[float, int]:
         pts = []
         for e in view.front_evaluations():
-            items = heldout_items(f"{prefix}:{e.id}", e.recipe)
+            # a run that re-scored its front logged each member's held-out items (same evaluator code)
+            items = view.heldout_items.get(e.id) or heldout_items(f"{prefix}:{e.id}", e.recipe)
             pts.append([sum(items[n]) / len(items[n]) for n in names])
         return hypervolume_max(pts, [0.0] * len(names)), len(pts)
 
-    hv = {f"evomerge ({evo_id})": front_hv(evo, "evo"), f"mergekit-evolve-style ({mke_id})": front_hv(mke, "mke")}
+    hv = {f"evomerge ({evo_id})": front_hv(evo, "evo"),
+          f"mergekit-evolve-style, {args.mke_method} ({mke_id})": front_hv(mke, "mke")}
 
     lead = next(iter(rows))
     n_items = {n: len(rows[lead][n]) for n in names}

@@ -35,3 +35,13 @@ def tiny_models_tied(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """Base + 2 sources with tied embeddings (lm_head absent from the files); read-only."""
     return build_tiny_llama_set(tmp_path_factory.mktemp("tiny_models_tied"), n_sources=2, seed=10,
                                 tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A 2-CPU local Ray for one test module's searches (started and stopped per module)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()

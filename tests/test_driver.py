@@ -149,15 +149,6 @@ def test_bad_config_is_one_line_before_ray(case, fragment, tiny_models, tmp_path
 
 # -- searches on Ray ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _search(path, **kw) -> int:
     from evomerge.driver import search_command
 

@@ -28,15 +28,6 @@ from search_fixtures import records, search_config, write_config
 BUDGET = 14
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_dead_and_hung_actors(ray_session, tiny_models, tmp_path, monkeypatch):
     from evomerge.driver import search_command

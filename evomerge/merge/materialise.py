@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from evomerge.errors import ConfigError, EvomergeError, RecipeError, SourceError
+from evomerge.errors import ConfigError, EvomergeError, RecipeError, SourceError, read_utf8
 from evomerge.merge.groups import TensorGroup
 from evomerge.merge.recipe import MergeRecipe
 
@@ -638,12 +638,13 @@ def load_recipe_file(path: str | Path) -> MergeRecipe:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file {p} does not exist; pass a recipe.json or a mergekit YAML")
+    text = read_utf8(p, RecipeError)  # bad bytes: one line, not a UnicodeDecodeError traceback
     if p.suffix.lower() in (".yaml", ".yml"):
         from evomerge.merge.mergekit_yaml import from_mergekit_yaml
 
-        return from_mergekit_yaml(p.read_text(), base_dir=p.parent)
+        return from_mergekit_yaml(text, base_dir=p.parent)
     try:
-        return MergeRecipe.from_json(p.read_text())
+        return MergeRecipe.from_json(text)
     except RecipeError as err:
         raise RecipeError(f"{p}: {err}") from None
 
