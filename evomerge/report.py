@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evomerge.archive import ParetoArchive
+from evomerge.errors import RunDirError
 from evomerge.runview import Evaluation, Objective, RunView, hypervolume_max, load_run, log_archive
 
 FRONT_COLOR = "#d62728"
@@ -301,7 +302,21 @@ def draw_report(run: str | Path | RunView, out: str | Path | None = None, *, hig
 
 
 def plot_command(args: argparse.Namespace) -> int:
-    path = draw_report(args.run_dir, getattr(args, "out", None))
+    out = getattr(args, "out", None)
+    view = load_run(args.run_dir)  # a wrong run dir is one line before any drawing
+    if out is not None:
+        target = Path(out)
+        if target.is_dir():
+            raise RunDirError(f"--out {target} is a folder; pass a file name such as {target / 'report.png'}")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise RunDirError(f"--out {target}: folder {parent} does not exist; create it or choose another path")
+        if not os.access(parent, os.W_OK):
+            raise RunDirError(f"--out {target}: folder {parent} is not writable; choose another path")
+    try:
+        path = draw_report(view, out)
+    except OSError as err:
+        raise RunDirError(f"could not write {out or view.path / 'report.png'}: {err.strerror or err}") from None
     print(f"wrote {path}")
     return 0
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from evomerge.errors import RunDirError
+from evomerge.errors import RunDirError, read_utf8
 from evomerge.archive import hypervolume_max
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def load_run(run_dir: str | Path) -> RunView:
     config: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
         try:
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            config = yaml.safe_load(read_utf8(path / "config.yaml", RunDirError)) or {}
         except yaml.YAMLError as err:
             raise RunDirError(f"{path / 'config.yaml'} is not valid YAML ({str(err).splitlines()[0]}); restore it from the run's start") from None
     front: dict[str, Any] | None = None

@@ -242,6 +242,15 @@ def test_existing_folder_is_refused(run_dir: Path, tmp_path: Path, capsys) -> No
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_out_under_an_existing_file_is_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["export", str(run_dir), "--knee", "--out", str(blocker / "sub" / "model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{blocker} is a file, not a folder" in err
+    assert blocker.read_text() == "x"
+
+
 def test_failure_leaves_no_half_folder(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import evomerge.export as export
 

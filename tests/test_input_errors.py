@@ -252,3 +252,18 @@ def test_recipe_not_utf8(tmp_path: Path, suffix: str, capsys: pytest.CaptureFixt
         f"evomerge merge: error: {path} is not UTF-8 text; byte 0xe9 at line 1 (offset {offset}) cannot be "
         f"decoded: re-save the file as UTF-8")
     assert not out.exists()
+
+
+def test_read_only_commands_on_a_run_dir_config_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """status, plot and export read config.yaml through the run view: one line, exit 2, no traceback."""
+    from evomerge.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(b"name: r\nobjectives: [{name: a, task: t, metric: m}]\n# caf\xe9\n")
+    (run / "evaluations.jsonl").write_text("")
+    for argv in (["status", str(run)], ["plot", str(run)], ["export", str(run), "--knee", "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{run / 'config.yaml'} is not UTF-8 text; byte 0xe9 at line 3" in err
+    assert not (tmp_path / "o").exists()

@@ -389,3 +389,25 @@ def test_hub_ids_resolve_at_the_configured_revision(tiny_models, tmp_path, monke
         method="task_arithmetic", source_params={x: {"weight": w} for x, w in zip(s, W_TA)})})
     merge_to_folder(recipe, tmp_path / "out", revision="v1.2")
     assert {ref for ref, _ in asked} >= set(local) and all(rev == "v1.2" for _, rev in asked)
+
+
+def test_merge_refuses_a_folder_with_foreign_files_but_rewrites_an_earlier_merge(tiny_models, merged, tmp_path, capsys):
+    """An earlier merge is rewritten in place; a folder with anything else in it is refused in one line,
+    untouched; --out under an existing file is one line too."""
+    path = tmp_path / "recipe.json"
+    path.write_text(merged.recipe.to_json())
+    out = tmp_path / "again"
+    assert main(["merge", str(path), "--out", str(out)]) == 0
+    assert main(["merge", str(path), "--out", str(out)]) == 0  # holds only a merge's files: rewritten
+    capsys.readouterr()
+    (out / "README.md").write_text("someone's notes")
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["merge", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not hold an earlier merge (README.md, adapter_model.safetensors)" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["merge", str(path), "--out", str(blocker / "sub")]) == 2
+    assert f"{blocker} is a file, not a folder" in capsys.readouterr().err

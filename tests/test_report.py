@@ -235,3 +235,23 @@ def test_long_run_curve_is_thinned_but_monotone_and_exact_at_the_end(tmp_path: P
     assert all(b >= a for a, b in zip(p.hypervolume, p.hypervolume[1:]))
     assert p.hypervolume[-1] == pytest.approx(summary(view)["hypervolume"])
     assert p.hypervolume[-1] == pytest.approx(view.front_hypervolume)
+
+
+def test_plot_out_problems_are_one_line(run2: Path, tmp_path: Path, capsys) -> None:
+    """--out naming a folder, a missing folder or an unwritable one: one line, exit 2, nothing written."""
+    import os
+
+    (tmp_path / "d").mkdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    cases = [(tmp_path / "d", "is a folder; pass a file name"), (tmp_path / "missing" / "r.png", "does not exist"),
+             (ro / "r.png", "is not writable")]
+    if os.geteuid() == 0:  # root writes anywhere: the permission case cannot be shown
+        cases = cases[:2]
+    for out, needle in cases:
+        assert main(["plot", str(run2), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert list((tmp_path / "d").iterdir()) == []
+    ro.chmod(0o700)

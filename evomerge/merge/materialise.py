@@ -472,9 +472,34 @@ def _check_device(device: str) -> "torch.device":
     return dev
 
 
+#: what a streamed merge writes; a folder holding only these holds an earlier merge and may be rewritten
+_MERGE_FILE = re.compile(r"^(config\.json|generation_config\.json|" + "|".join(re.escape(f) for f in TOKENIZER_FILES)
+                         + r"|\..+\.tmp-\d+)$")
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Entries of ``out`` that no merge writes (their presence means the folder is someone else's)."""
+    return sorted(p.name for p in out.iterdir()
+                  if not (p.is_file() and (_WEIGHT_FILE.match(p.name) or _MERGE_FILE.match(p.name))))
+
+
 def _check_out_dir(out: Path, model_set: "ModelSet") -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder")
+    """--out must be a new folder, an empty one, or one holding an earlier merge (rewritten in place).
+
+    A folder with anything else in it is refused: a merge would leave those files next to
+    its weights (a stale adapter or README mixed into the new model), and export refuses the same.
+    """
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
+            break
+    if out.is_dir():
+        foreign = _foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ConfigError(f"--out {out} is not empty and does not hold an earlier merge ({shown}); "
+                              f"remove those files or choose another folder")
     target = out.expanduser().resolve()
     for m in model_set.models:
         p = m.path.resolve()
