@@ -29,8 +29,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_resume(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("resume", help="continue a search from its run directory to the original budget")
+    p = sub.add_parser("resume", help="continue a search from its run directory to its budget")
     p.add_argument("run_dir")
+    p.add_argument("--budget", type=int, metavar="N",
+                   help="raise the run's evaluation budget to N (updates budget.evaluations of its config.yaml)")
     p.add_argument("--address", help="Ray cluster address; default: embedded local Ray")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_lazy("evomerge.driver", "resume_command"))

@@ -249,7 +249,7 @@ class EvaluationConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """The whole search. ``name`` names the run; the rest mirrors DESIGN.md."""
+    """The whole search. ``name`` names the run; the sections are those of the README's config."""
 
     name: str = "search"
     models: ModelsConfig
@@ -288,7 +288,7 @@ def _one_line(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "<top level>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key; remove it or check its spelling against DESIGN.md"
+        msg = "unknown key; remove it or check its spelling against the README's config section"
     elif first["type"] == "missing":
         msg = "required field is missing; add it"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
@@ -329,6 +329,10 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
         problem = str(err).splitlines()[0]
         raise ConfigError(f"--set {assignment!r}: the value {raw!r} is not valid YAML ({problem}); "
                           f"quote it or close its brackets") from None
+    except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise ValueError/AttributeError/...
+        # for a bad date, `!!int abc`, `!!timestamp y`, a 5000-digit integer: user text, so one line
+        raise ConfigError(f"--set {assignment!r}: the value {raw!r} cannot be read ({' '.join(str(err).split())}); "
+                          f"quote it to pass it as text") from None
     node: Any = data
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth]) or "the config"
@@ -364,10 +368,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass the path of a YAML config")
+    text = read_utf8(p, ConfigError)
     try:
-        data = yaml.safe_load(read_utf8(p, ConfigError))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise ValueError/AttributeError/...
+        # for a bad date, `!!int abc`, `!!timestamp y`, a 5000-digit integer: user text, so one line
+        raise ConfigError(f"config file {p}: a value cannot be read ({' '.join(str(err).split())}); quote it to pass it "
+                          f"as text") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: expected a mapping at the top level")
     return data

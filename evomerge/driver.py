@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -46,8 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evomerge.config import SearchConfig, check_config, load_config
-from evomerge.errors import EvomergeError, RunDirError
+from evomerge.errors import ConfigError, EvomergeError, RunDirError
 from evomerge.rundir import RunDir, hold_run_lock
 from evomerge.searchbook import Asked, SearchBook
 
@@ -71,10 +74,16 @@ class RunFiles(RunDir):
     """``RunDir`` plus the few reads the driver does in one place."""
 
     def records(self) -> list[dict[str, Any]]:
-        """Every complete record; a torn last line (crash mid-write) is cut off the file first."""
+        """Every complete record, validated (``rundir.validate_record``); a torn last line is cut off first."""
         if self.evaluations_path.exists():
+            self.validated_records()  # a malformed record is refused before the torn tail is touched
             self.truncate_torn_tail()
-        return self.read_records()
+        return self.validated_records()
+
+    def preflight(self) -> None:
+        """Read-only checks of the run dir before Ray starts: every record valid, the log as checkpointed."""
+        self.validated_records()
+        self.check_log()
 
     def counters(self) -> dict[str, Any]:
         return self.load_state()[1]
@@ -328,6 +337,15 @@ class Search:
                                         allow_pickle=m.allow_pickle)
         self.space = get_space(cfg, self.model_set)
         self.budget_evals = cfg.budget.evaluations
+        # the optimizer is created with the budget the run started with, so a replay after
+        # `evomerge resume --budget N` builds the very same optimizer
+        self.optimizer_budget = cfg.budget.evaluations
+        with contextlib.suppress(EvomergeError):
+            from evomerge.identity import read_identity
+
+            stored = read_identity(run.path)
+            if stored is not None and "optimizer_budget" in stored:
+                self.optimizer_budget = stored["optimizer_budget"]
         self.stop_signal: int | None = None
         self.queue: collections.deque[Job] = collections.deque()  # candidates to evaluate first
         self._batch_queue: collections.deque[Job] = collections.deque()  # references / heldout jobs
@@ -366,7 +384,7 @@ class Search:
                                or self.cfg.optimizer.popsize or n_actors)
         self.directions = self._directions()
         objectives = [(o.name, self.directions[o.name]) for o in self.cfg.objectives]
-        optimizer = make_optimizer(self.cfg, self.space.parametrization(), budget=self.budget_evals,
+        optimizer = make_optimizer(self.cfg, self.space.parametrization(), budget=self.optimizer_budget,
                                    num_workers=self.num_workers)
         self.book = SearchBook(optimizer, self.space, objectives)
         self.book.replay(records)
@@ -629,7 +647,7 @@ class Search:
                     "asked": self.book.n_asked, "num_workers": self.num_workers, "elapsed_s": self.elapsed(),
                     "front": self.archive.front(), "updated_at": time.time(),
                     "pending": [{"id": j.id, "index": j.asked.index if j.asked else None, "recipe": j.recipe}
-                                for j in pending]}
+                                for j in pending], **self.run.log_mark()}
         try:
             from search_spaces.optimizers import optimizer_to_bytes
 
@@ -794,6 +812,7 @@ def run_search(cfg: SearchConfig, run_dir: Path, *, address: str | None, progres
 
     run = RunFiles(run_dir)
     with hold_run_lock(run_dir, "evomerge search"):
+        run.preflight()  # before anything is written or Ray starts
         if run_is_complete(cfg, run):
             print(f"{run_dir}: this search is complete ({cfg.budget.evaluations} evaluations); "
                   f"see `evomerge status {run_dir}`")
@@ -822,9 +841,19 @@ def search_command(args: argparse.Namespace) -> int:
     run_dir = Path(getattr(args, "run_dir", None) or cfg.resolved_run_dir())
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_dir": str(run_dir)})})
     with hold_run_lock(run_dir, "evomerge search"):
-        continuing = not RunDir(run_dir).create(cfg, overwrite=bool(getattr(args, "overwrite", False)))
-        if continuing:
+        from evomerge.identity import identity_record, write_identity
+
+        overwrite = bool(getattr(args, "overwrite", False))
+        run = RunFiles(run_dir)
+        if run.exists() and not overwrite:
+            run.create(cfg)  # the same search, or a one-line refusal; writes nothing either way
+            run.preflight()
+            check_or_record_identity(run, cfg)
             log.info("%s holds this search already: continuing it", run_dir)
+        else:
+            record = identity_record(cfg)  # computed first: a failure leaves no half-made run dir
+            run.create(cfg, overwrite=overwrite)
+            write_identity(run_dir, record)
         return run_search(cfg, run_dir, address=getattr(args, "address", None),
                           progress=not getattr(args, "no_progress", False))
 
@@ -848,12 +877,68 @@ def _require_run_dir(run_dir: Path) -> None:
         raise RunDirError(f"{run_dir} {what}; pass the run dir of an `evomerge search`")
 
 
+def check_or_record_identity(run: RunFiles, cfg: SearchConfig) -> None:
+    """Refuse a run whose models, tasks or settings changed since it started (``evomerge.identity``).
+
+    A run dir from before identity.json existed gets one now, with a warning: its
+    identity is what the files are today, checked from then on.
+    """
+    from evomerge.identity import check_identity, identity_record, write_identity
+
+    if check_identity(run.path, cfg) is None:
+        log.warning("%s has no %s (written by an older evomerge): recording the models, tasks and settings "
+                    "as they are now; later sessions are checked against them", run.path, run.identity_path.name)
+        record = identity_record(cfg)
+        record["optimizer_budget"] = cfg.budget.evaluations  # the budget it ran under so far
+        record["recorded_late"] = True
+        write_identity(run.path, record)
+
+
+def check_budget(cfg: SearchConfig, evaluations: int) -> None:
+    """One line when ``--budget`` is not a raise of the run's evaluation budget."""
+    current = cfg.budget.evaluations
+    if evaluations <= 0:
+        raise ConfigError(f"--budget {evaluations}: give a number of evaluations > 0")
+    if current is not None and evaluations < current:
+        raise ConfigError(f"--budget {evaluations} is below the run's budget of {current} evaluations; "
+                          f"--budget only raises it")
+
+
+def raise_budget(run: RunFiles, cfg: SearchConfig, evaluations: int) -> SearchConfig:
+    """Set the frozen config's ``budget.evaluations`` to ``evaluations`` (only ever up); the new config."""
+    from evomerge.config import parse_config
+
+    check_budget(cfg, evaluations)
+    current = cfg.budget.evaluations
+    if evaluations == current:
+        return cfg
+    data = run.read_config_dict()
+    data.setdefault("budget", {})["evaluations"] = evaluations
+    new = parse_config(data)
+    run.atomic_write(run.config_path, yaml.safe_dump(data, sort_keys=False))
+    log.info("%s: budget raised from %s to %d evaluations", run.path, current, evaluations)
+    return new
+
+
 def resume_command(args: argparse.Namespace) -> int:
-    """``evomerge resume RUN_DIR``: continue to the original budget, losing and repeating nothing."""
+    """``evomerge resume RUN_DIR [--budget N]``: continue to the budget, losing and repeating nothing.
+
+    Every check (config, records, the log against the last checkpoint, the run's
+    identity) runs before anything is written or Ray starts; ``--budget`` then raises the
+    frozen config's evaluation budget.
+    """
     run_dir = Path(args.run_dir)
     _require_run_dir(run_dir)
     with hold_run_lock(run_dir, "evomerge resume"):
         cfg = load_run_config(run_dir)
+        run = RunFiles(run_dir)
+        run.preflight()
+        budget = getattr(args, "budget", None)
+        if budget is not None:
+            check_budget(cfg, budget)
+        check_or_record_identity(run, cfg)
+        if budget is not None:
+            cfg = raise_budget(run, cfg, budget)
         return run_search(cfg, run_dir, address=getattr(args, "address", None),
                           progress=not getattr(args, "no_progress", False))
 
@@ -875,6 +960,7 @@ def _rescore_front_locked(run_dir: Path, address: str | None) -> dict[str, dict[
 
     cfg = load_run_config(run_dir)
     run = RunFiles(run_dir)
+    run.preflight()
     handler = _attach_log(run)
     started = False
     try:

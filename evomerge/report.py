@@ -365,6 +365,9 @@ def status_command(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     load_run(run_dir)  # a wrong path fails here, in one line, before any Ray work
+    from evomerge.rundir import RunDir
+
+    RunDir(run_dir).check_log()  # a truncated or edited log is refused, not shown as a smaller run
     if getattr(args, "rescore", False):
         from evomerge.driver import rescore_front
 

@@ -48,9 +48,10 @@ REPORT_PNG = "report.png"
 OPTIMIZER_STATE = "optimizer.pkl"
 COUNTERS = "counters.json"
 LOCK = ".lock"
+IDENTITY = "identity.json"
 #: every entry the run writes; --overwrite removes exactly these, nothing else (never LOCK:
 #: the overwriting command holds it while it clears the rest).
-RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG)
+RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG, IDENTITY)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,6 +111,55 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
     return where or "<top level>"
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: what each record kind must hold for the driver to replay it: field -> (test, what it must be)
+_REQUIRED: dict[str, list[tuple[str, Any, str]]] = {
+    "evaluation": [
+        ("id", lambda v: isinstance(v, str), "a string"),
+        ("index", _is_int, "an integer"),
+        ("status", lambda v: isinstance(v, str), "a string"),
+        ("recipe", lambda v: v is None or isinstance(v, dict), "an object or null"),
+        ("asked", _is_int, "an integer"),
+        ("losses", lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+    ],
+    "heldout": [("id", lambda v: isinstance(v, str), "a string")],
+    "reference": [("label", lambda v: isinstance(v, str), "a string")],
+}
+
+
+def validate_record(rec: Mapping[str, Any], lineno: int, path: str | Path) -> None:
+    """Raise a one-line RunDirError if a log record lacks a field the driver needs, or has a wrong type.
+
+    Required, by ``kind``: evaluation: ``id`` (str), ``index`` (int), ``status`` (str),
+    ``recipe`` (object or null), ``asked`` (int) and ``losses`` (list of numbers), which
+    the replay tells again, and ``scores`` (object) when ``status`` is ``ok``; heldout:
+    ``id`` (str), and ``scores`` (object) when its status is ok (or absent); reference:
+    ``label`` (str). Records of other kinds (or none) are left alone.
+    """
+    kind = rec.get("kind")
+    fields = _REQUIRED.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return
+    fix = "restore the log from a backup or delete that line"
+    for name, ok, what in fields:
+        if name not in rec:
+            raise RunDirError(f"{path} line {lineno}: {kind} record lacks {name!r}; {fix}")
+        if not ok(rec[name]):
+            raise RunDirError(f"{path} line {lineno}: {kind} record's {name!r} is {type(rec[name]).__name__} "
+                              f"{json.dumps(rec[name])[:40]}, not {what}; {fix}")
+    if (kind == "evaluation" and rec["status"] == "ok") or (kind == "heldout" and rec.get("status", "ok") == "ok"):
+        if not isinstance(rec.get("scores"), dict):
+            what = "lacks 'scores'" if "scores" not in rec else f"has 'scores' {type(rec['scores']).__name__}, not an object"
+            raise RunDirError(f"{path} line {lineno}: {kind} record with status ok {what}; {fix}")
+
+
 class RunDir:
     """One run directory; every path the run uses is a property here."""
 
@@ -144,6 +194,10 @@ class RunDir:
     @property
     def report_path(self) -> Path:
         return self.path / REPORT_PNG
+
+    @property
+    def identity_path(self) -> Path:
+        return self.path / IDENTITY
 
     @property
     def lock_path(self) -> Path:
@@ -245,10 +299,16 @@ class RunDir:
     # -- reads ------------------------------------------------------------------------
     def _scan(self) -> tuple[list[dict[str, Any]], int | None]:
         """(records, byte offset where a torn tail starts or None)."""
-        if not self.evaluations_path.exists():
-            return [], None
-        data = self.evaluations_path.read_bytes()
-        records: list[dict[str, Any]] = []
+        numbered, torn = self._scan_numbered()
+        return [rec for _, rec in numbered], torn
+
+    def _scan_numbered(self, data: bytes | None = None) -> tuple[list[tuple[int, dict[str, Any]]], int | None]:
+        """([(1-based line number, record)], byte offset where a torn tail starts or None)."""
+        if data is None:
+            if not self.evaluations_path.exists():
+                return [], None
+            data = self.evaluations_path.read_bytes()
+        records: list[tuple[int, dict[str, Any]]] = []
         offset = 0
         lines = data.split(b"\n")
         for i, raw in enumerate(lines):
@@ -266,11 +326,24 @@ class RunDir:
                         f"line; fix or delete that line, then resume"
                     ) from None
                 if last:  # complete record whose newline was lost: keep it, repair adds the newline
-                    records.append(rec)
+                    records.append((i + 1, rec))
                     return records, None
-                records.append(rec)
+                records.append((i + 1, rec))
             offset += len(raw) + 1
         return records, None
+
+    def validated_records(self) -> list[dict[str, Any]]:
+        """All records, each checked by ``validate_record``; read-only (a torn last line is skipped, not cut).
+
+        The driver's pre-flight: a record the resume would trip over is one line naming
+        its line number, before Ray starts and before anything is written.
+        """
+        numbered, torn = self._scan_numbered()
+        if torn is not None:
+            log.warning("ignoring a torn last line in %s (a crash mid-write)", self.evaluations_path)
+        for lineno, rec in numbered:
+            validate_record(rec, lineno, self.evaluations_path)
+        return [rec for _, rec in numbered]
 
     def read_records(self, kind: str | None = None) -> list[dict[str, Any]]:
         """All records of evaluations.jsonl (of ``kind`` if given), ignoring a torn last line."""
@@ -303,10 +376,64 @@ class RunDir:
             os.fsync(f.fileno())
         return removed
 
+    # -- the log as checkpointed -------------------------------------------------------
+    def log_mark(self) -> dict[str, Any]:
+        """What a checkpoint records about the log: ``log_records``, ``log_bytes``, ``log_sha256``.
+
+        ``log_sha256`` is the sha256 of the log's first ``log_bytes`` bytes, which hold its
+        first ``log_records`` complete records (a torn tail is not counted). Plain bytes,
+        not a hash chained over re-serialised records: the log is append-only, so the
+        prefix a checkpoint saw must stay byte for byte the same forever; hashing the
+        bytes needs no canonical-JSON rules (key order, float spelling) that a newer
+        version could change, catches any edit (even whitespace), and the check is one
+        read and one hash, with appends after the checkpoint simply outside the prefix.
+        """
+        data = self.evaluations_path.read_bytes() if self.evaluations_path.exists() else b""
+        numbered, torn = self._scan_numbered(data)
+        end = len(data) if torn is None else torn
+        return {"log_records": len(numbered), "log_bytes": end, "log_sha256": hashlib.sha256(data[:end]).hexdigest()}
+
+    def check_log(self) -> None:
+        """Refuse a log shorter than the last checkpoint counted, or whose checkpointed part changed.
+
+        One-line RunDirError; read-only. A log longer than the checkpoint (evaluations
+        after it) passes; counters without the ``log_*`` fields (a run dir written before
+        they existed) are not checked.
+        """
+        cpath = self.state_dir / COUNTERS
+        try:
+            counters = json.loads(cpath.read_text()) if cpath.is_file() else {}
+        except (OSError, ValueError):
+            return  # load_state warns about it and the log is rebuilt from as it is
+        if not isinstance(counters, dict):
+            return
+        n, size, digest = counters.get("log_records"), counters.get("log_bytes"), counters.get("log_sha256")
+        if not (_is_int(n) and _is_int(size) and isinstance(digest, str)):
+            return
+        stamp = counters.get("updated_at")
+        when = f"the checkpoint of {_utc(float(stamp))}" if _is_number(stamp) else "the last checkpoint"
+        data = self.evaluations_path.read_bytes() if self.evaluations_path.exists() else b""
+        numbered, _ = self._scan_numbered(data)
+        if len(numbered) < n or len(data) < size:
+            missing = (f"record {len(numbered) + 1} onwards is missing" if len(numbered) < n
+                       else "its last record is cut short")
+            raise RunDirError(
+                f"{self.evaluations_path} holds {len(numbered)} records but {when} ({cpath}) counted {n} "
+                f"({missing}); the log was truncated or replaced: restore it from a backup (nothing was changed)")
+        if hashlib.sha256(data[:size]).hexdigest() != digest:
+            raise RunDirError(
+                f"{self.evaluations_path}: its first {n} records are not those {when} ({cpath}) counted (sha256 "
+                f"differs); the log was modified or replaced: restore it from a backup (nothing was changed)")
+
     # -- front ------------------------------------------------------------------------
     def write_front(self, archive: Any, records: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
                     *, evaluations: int | None = None) -> None:
-        """Rewrite front.json and front/<id>/ for the archive's members; remove dirs of ex-members.
+        """Rewrite front.json and front/<id>/ for the archive's members; never delete a recipe.
+
+        A member that leaves the front keeps its ``front/<id>/recipe.json`` and
+        ``scores.json`` exactly as they were last written (``front.json`` lists the
+        current members); only its ``weights/`` folder (``save_front_weights``, large)
+        is removed.
 
         ``records``: evaluation-log records (an iterable, e.g. ``read_records()``, or a
         mapping id -> evaluation record). Each member's recipe comes from its
@@ -334,9 +461,12 @@ class RunDir:
         if self.front_dir.is_dir():
             keep = set(members)
             for d in self.front_dir.iterdir():
-                if d.name not in keep and not d.name.startswith("."):
-                    shutil.rmtree(d) if d.is_dir() else d.unlink()
-            _fsync_dir(self.front_dir)
+                if d.name in keep or d.name.startswith(".") or not d.is_dir() or d.is_symlink():
+                    continue
+                weights = d / "weights"
+                if weights.is_dir() and not weights.is_symlink():
+                    shutil.rmtree(weights)
+                    _fsync_dir(d)
 
     def read_front(self) -> dict[str, Any] | None:
         if not self.front_json_path.is_file():
@@ -483,7 +613,14 @@ class RunLock:
         return self
 
     def _busy_message(self) -> str:
+        # The holder writes its name just after taking the lock; until then the file is empty or
+        # still names the previous (dead) holder. Wait a moment for the live holder's name.
         holder = self.read_holder(self.path)
+        for _ in range(40):
+            if holder is not None and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"])):
+                break
+            time.sleep(0.025)
+            holder = self.read_holder(self.path)
         if holder is None:  # the holder took the lock a moment ago and has not written its name yet
             return (f"{self.run_dir} is in use by another evomerge process; "
                     f"wait for it to finish or stop it")

@@ -60,15 +60,30 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte length + JSON); reads no tensor data."""
+    """The JSON header of a safetensors file (8-byte length + JSON); reads no tensor data.
+
+    Also checks the file holds every byte the header promises: a truncated download would
+    otherwise pass pre-flight and fail later, inside a Ray actor, without naming the file.
+    """
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100_000_000:
                 raise ValueError("header length is implausible")
-            return json.loads(f.read(n))
+            header = json.loads(f.read(n))
+        size = os.path.getsize(path)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, struct.error) as err:
         raise SourceError(f"{path}: not a readable safetensors file ({err}); re-download or re-save it") from None
+    ends = [int(m["data_offsets"][1]) for k, m in header.items()
+            if k != "__metadata__" and isinstance(m, dict) and isinstance(m.get("data_offsets"), list)
+            and len(m["data_offsets"]) == 2]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise SourceError(f"{path}: truncated safetensors file ({size} bytes, its header needs {need}); "
+                          f"re-download or re-save it")
+    return header
 
 
 class ModelSource:

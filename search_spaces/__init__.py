@@ -80,6 +80,14 @@ def check_space(cfg: "SearchConfig", model_set: Any) -> None:
         raise
     except EvomergeError as err:
         raise ConfigError(str(err)) from None
+    init = cfg.space.init
+    if init not in (None, "uniform"):  # read now, not when the optimizer starts after Ray is up
+        from evomerge.merge.materialise import load_recipe_file
+
+        try:
+            load_recipe_file(init)
+        except EvomergeError as err:
+            raise ConfigError(f"config field space.init ({init}): {err}") from None
     check = getattr(cls, "check", None)
     if check is not None:
         check(cfg, model_set)

@@ -267,3 +267,42 @@ def test_read_only_commands_on_a_run_dir_config_not_utf8(tmp_path: Path, capsys:
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"{run / 'config.yaml'} is not UTF-8 text; byte 0xe9 at line 3" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- pre-flight of files Ray would otherwise meet first ----------------------------------------------
+def _search_cfg(tiny_models: Any, tmp_path: Path, **space: Any) -> Path:
+    cfg = {"name": "pf", "models": {"base": str(tiny_models.base), "sources": [str(p) for p in tiny_models.sources]},
+           "merge": {"methods": ["ties"]}, "space": {"name": "layerwise", "layer_group_size": 2, **space},
+           "objectives": [{"name": "p", "evaluator": "perplexity", "files": [str(tmp_path / "t.txt")]}],
+           "budget": {"evaluations": 2}, "output": {"run_dir": str(tmp_path / "run")}}
+    (tmp_path / "t.txt").write_text("abc abc abc\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_space_init_naming_a_missing_file_fails_before_ray(tiny_models: Any, tmp_path: Path, no_ray: None,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = _search_cfg(tiny_models, tmp_path, init=str(tmp_path / "nope.json"))
+    err = _cli_error(["search", str(path)], capsys)
+    assert err.startswith("evomerge search: error: config field space.init (") and "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_safetensors_source_is_named_before_ray(tiny_models: Any, tmp_path: Path, no_ray: None,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    src = tmp_path / "src_cut"
+    shutil.copytree(tiny_models.sources[0], src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    path = _search_cfg(tiny_models, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["models"]["sources"][0] = str(src)
+    path.write_text(yaml.safe_dump(cfg))
+    err = _cli_error(["search", str(path)], capsys)
+    assert err == (f"evomerge search: error: {weights}: truncated safetensors file ({len(data) // 2} bytes, "
+                   f"its header needs {len(data)}); re-download or re-save it")
+    assert not (tmp_path / "run").exists()

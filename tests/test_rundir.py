@@ -141,12 +141,17 @@ def test_write_front_maintains_member_dirs(tmp_path: Path) -> None:
     assert json.loads((rd.member_dir("e000000") / "scores.json").read_text())["heldout"] is None
     rd.weights_dir("e000000").mkdir()
     (rd.weights_dir("e000000") / "model.safetensors").write_bytes(b"w")
-    # a new candidate dominates e000000: its folder, weights included, goes
+    recipe0 = (rd.member_dir("e000000") / "recipe.json").read_bytes()
+    scores0 = (rd.member_dir("e000000") / "scores.json").read_bytes()
+    # a new candidate dominates e000000: only its weights go; its recipe and scores stay, byte for byte
     new = _record(2, {"add": 0.3, "ppl": 4.0})
     assert arch.add(new["id"], new["scores"])
     rd.write_front(arch, records + [new])
-    assert sorted(p.name for p in rd.front_dir.iterdir()) == ["e000001", "e000002"]
+    assert sorted(p.name for p in rd.front_dir.iterdir()) == ["e000000", "e000001", "e000002"]
     assert json.loads(rd.front_json_path.read_text())["members"] == ["e000001", "e000002"]
+    assert sorted(p.name for p in rd.member_dir("e000000").iterdir()) == ["recipe.json", "scores.json"]
+    assert (rd.member_dir("e000000") / "recipe.json").read_bytes() == recipe0
+    assert (rd.member_dir("e000000") / "scores.json").read_bytes() == scores0
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp files left
 
 
@@ -171,3 +176,27 @@ def test_log_handler_writes_driver_log(tmp_path: Path) -> None:
         logger.removeHandler(handler)
         handler.close()
     assert "hello 7" in rd.log_path.read_text()
+
+
+def test_a_member_that_leaves_the_front_keeps_its_recipe_and_scores(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path)
+    arch = ParetoArchive({"add": "maximize", "ppl": "minimize"})
+    records = [_record(0, {"add": 0.2, "ppl": 5.0})]
+    arch.add("e000000", records[0]["scores"])
+    records.append({"kind": "heldout", "id": "e000000", "scores": {"add": 0.1, "ppl": 5.5}})
+    rd.write_front(arch, records)
+    kept = {name: (rd.member_dir("e000000") / name).read_bytes() for name in ("recipe.json", "scores.json")}
+    assert json.loads(kept["scores.json"]) == {"selection": {"add": 0.2, "ppl": 5.0}, "heldout": {"add": 0.1, "ppl": 5.5}}
+    # e000001 dominates e000000, then e000002 dominates e000001: two leavers, three checkpoints
+    for i, scores in ((1, {"add": 0.3, "ppl": 4.0}), (2, {"add": 0.4, "ppl": 3.0})):
+        rec = _record(i, scores)
+        assert arch.add(rec["id"], scores)
+        records.append(rec)
+        rd.write_front(arch, records)
+    assert json.loads(rd.front_json_path.read_text())["members"] == ["e000002"]
+    for name, data in kept.items():
+        assert (rd.member_dir("e000000") / name).read_bytes() == data
+    assert json.loads((rd.member_dir("e000001") / "recipe.json").read_text())["seed"] == 1
+    assert json.loads((rd.member_dir("e000001") / "scores.json").read_text()) == {
+        "selection": {"add": 0.3, "ppl": 4.0}, "heldout": None}
+    assert sorted(p.name for p in rd.front_dir.iterdir()) == ["e000000", "e000001", "e000002"]
