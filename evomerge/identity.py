@@ -52,7 +52,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -92,7 +92,7 @@ def _model_field(ref: str, revision: str | None) -> dict[str, Any]:
             if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
                 parts[f"{ref.rstrip('/')}/{p.name}"] = weight_file_digest(p)
             elif p.is_file() and (p.name in TOKENIZER_FILES or p.name.endswith(".safetensors.index.json")):
-                parts[f"{ref.rstrip('/')}/{p.name}"] = _file_sha(p)
+                parts[f"{ref.rstrip('/')}/{p.name}"] = sha256_file(p)
     return {"summary": ref, "parts": parts}
 
 
@@ -126,17 +126,17 @@ def _task_parts(task: str, paths: tuple[str, ...]) -> dict[str, str]:
         if y in seen or not y.is_file():
             continue
         seen.add(y)
-        parts[name(y)] = _file_sha(y)
+        parts[name(y)] = sha256_file(y)
         text = y.read_text(encoding="utf-8", errors="replace")
         todo += [(y.parent / m).resolve() for m in _INCLUDE.findall(text)]
         for fn in _FUNCTION.findall(text):
             py = y.parent / (fn.rsplit(".", 1)[0].replace(".", "/") + ".py")
             if py.is_file():
-                parts[name(py)] = _file_sha(py)
+                parts[name(py)] = sha256_file(py)
     for value in ti.data_files_of(getattr(e, "cfg", None) or {}):
         resolved = ti.resolve_data_path(value, root)
         if resolved and "://" not in resolved and Path(resolved).is_file():
-            parts[f"{task}: {value}"] = _file_sha(Path(resolved))
+            parts[f"{task}: {value}"] = sha256_file(Path(resolved))
     return parts
 
 
@@ -154,7 +154,7 @@ def _objective_field(obj: Any, paths: tuple[str, ...] | None) -> dict[str, Any]:
                 parts.update(_task_parts(held, paths))
     for f in obj.files or []:
         p = Path(f).expanduser()
-        parts[f"file {f}"] = _file_sha(p) if p.is_file() else "missing"
+        parts[f"file {f}"] = sha256_file(p) if p.is_file() else "missing"
     if obj.task:
         summary = f"task {obj.task}"
     elif obj.components:

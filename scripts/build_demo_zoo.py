@@ -16,7 +16,6 @@ The same seed and thread count give the same bits (``zoo.json`` lists the file h
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluators.demo_skills import SPLIT_SIZES  # noqa: E402
+from evomerge.identity import sha256_file  # noqa: E402,F401 - also used by tests as build_demo_zoo.sha256_file
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 ZOO_VERSION = 5
@@ -61,14 +61,6 @@ def _plans(reduced: bool):
         TrainPlan(steps=250, lr=2e-3, batch=64, warmup=10, demo_share=0.6, prompt_loss=False, stage="mid",
                   schedule_steps=600), \
         TrainPlan(steps=150, lr=4e-4, batch=64, warmup=10, replay=0.3, demo_share=0.3), None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
