@@ -74,9 +74,12 @@ class RunFiles(RunDir):
     """``RunDir`` plus the few reads the driver does in one place."""
 
     def records(self) -> list[dict[str, Any]]:
-        """Every complete record, validated (``rundir.validate_record``); a torn last line is cut off first."""
+        """Every complete record, validated (``rundir.validate_record``); a torn last line is cut off first.
+
+        Callers have run ``preflight`` (which validates every record read-only) before this
+        writes anything, so the torn tail is cut only from a log already known to be sound.
+        """
         if self.evaluations_path.exists():
-            self.validated_records()  # a malformed record is refused before the torn tail is touched
             self.truncate_torn_tail()
         return self.validated_records()
 
@@ -802,7 +805,8 @@ def run_is_complete(cfg: SearchConfig, run: RunFiles) -> bool:
     return n >= cfg.budget.evaluations and n == counters.get("evaluations")
 
 
-def run_search(cfg: SearchConfig, run_dir: Path, *, address: str | None, progress: bool) -> int:
+def run_search(cfg: SearchConfig, run_dir: Path, *, address: str | None, progress: bool,
+               checked: bool = False) -> int:
     """Start Ray (unless already up), run a search session on ``run_dir``, stop Ray.
 
     Holds the run dir's lock throughout (already held when called from the commands);
@@ -812,7 +816,8 @@ def run_search(cfg: SearchConfig, run_dir: Path, *, address: str | None, progres
 
     run = RunFiles(run_dir)
     with hold_run_lock(run_dir, "evomerge search"):
-        run.preflight()  # before anything is written or Ray starts
+        if not checked:  # the commands ran it already, before their own writes
+            run.preflight()  # before anything is written or Ray starts
         if run_is_complete(cfg, run):
             print(f"{run_dir}: this search is complete ({cfg.budget.evaluations} evaluations); "
                   f"see `evomerge status {run_dir}`")
@@ -855,7 +860,7 @@ def search_command(args: argparse.Namespace) -> int:
             run.create(cfg, overwrite=overwrite)
             write_identity(run_dir, record)
         return run_search(cfg, run_dir, address=getattr(args, "address", None),
-                          progress=not getattr(args, "no_progress", False))
+                          progress=not getattr(args, "no_progress", False), checked=True)
 
 
 def load_run_config(run_dir: Path) -> SearchConfig:
@@ -940,7 +945,7 @@ def resume_command(args: argparse.Namespace) -> int:
         if budget is not None:
             cfg = raise_budget(run, cfg, budget)
         return run_search(cfg, run_dir, address=getattr(args, "address", None),
-                          progress=not getattr(args, "no_progress", False))
+                          progress=not getattr(args, "no_progress", False), checked=True)
 
 
 def rescore_front(run_dir: str | Path, address: str | None = None) -> dict[str, dict[str, float]]:

@@ -285,11 +285,11 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _check_out(out: Path) -> None:
-    for parent in out.parents:  # an existing file above --out would fail deep in mkdir
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
-            break
+    from evomerge.merge.materialise import file_in_the_way
+
+    blocker = file_in_the_way(out.parent)  # --out itself may be an existing (non-empty) file: said below
+    if blocker is not None:
+        raise ExportError(f"--out {out}: {blocker} is a file, not a folder; pass a folder path")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} already exists and is not empty; remove it or choose another folder")
 

@@ -381,17 +381,32 @@ class RunDir:
         """What a checkpoint records about the log: ``log_records``, ``log_bytes``, ``log_sha256``.
 
         ``log_sha256`` is the sha256 of the log's first ``log_bytes`` bytes, which hold its
-        first ``log_records`` complete records (a torn tail is not counted). Plain bytes,
-        not a hash chained over re-serialised records: the log is append-only, so the
-        prefix a checkpoint saw must stay byte for byte the same forever; hashing the
-        bytes needs no canonical-JSON rules (key order, float spelling) that a newer
-        version could change, catches any edit (even whitespace), and the check is one
-        read and one hash, with appends after the checkpoint simply outside the prefix.
+        first ``log_records`` complete (newline-ended) records; a torn or unterminated tail is
+        not counted. Plain bytes, not a hash chained over re-serialised records: the log is
+        append-only, so the prefix a checkpoint saw must stay byte for byte the same forever;
+        hashing the bytes needs no canonical-JSON rules (key order, float spelling) that a
+        newer version could change, and catches any edit (even whitespace).
+
+        Incremental: the hash state and offset are kept between calls, so a checkpoint reads
+        and hashes only what was appended since the last one (a checkpoint every few
+        evaluations must not re-read a log of thousands of records). If the file is shorter
+        than the kept offset (replaced under us), it starts over from byte 0.
         """
-        data = self.evaluations_path.read_bytes() if self.evaluations_path.exists() else b""
-        numbered, torn = self._scan_numbered(data)
-        end = len(data) if torn is None else torn
-        return {"log_records": len(numbered), "log_bytes": end, "log_sha256": hashlib.sha256(data[:end]).hexdigest()}
+        path = self.evaluations_path
+        size = path.stat().st_size if path.exists() else 0
+        offset, count, hasher = getattr(self, "_mark", None) or (0, 0, hashlib.sha256())
+        if size < offset:
+            offset, count, hasher = 0, 0, hashlib.sha256()
+        if size > offset:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                new = f.read(size - offset)
+            chunk = new[: new.rfind(b"\n") + 1]
+            hasher.update(chunk)
+            count += sum(1 for line in chunk.split(b"\n") if line.strip())
+            offset += len(chunk)
+        self._mark = (offset, count, hasher)
+        return {"log_records": count, "log_bytes": offset, "log_sha256": hasher.copy().hexdigest()}
 
     def check_log(self) -> None:
         """Refuse a log shorter than the last checkpoint counted, or whose checkpointed part changed.

@@ -166,6 +166,27 @@ def test_the_checkpoint_mark_counts_records_and_hashes_the_bytes(tmp_path: Path)
                                                     "log_sha256": hashlib.sha256(b"").hexdigest()}
 
 
+def test_the_mark_is_incremental_and_equals_a_full_recount(tmp_path: Path) -> None:
+    """One RunDir marking after each append (as the driver's checkpoints do) gives what a fresh RunDir
+    computes from the whole file; a torn tail is finished later; a replaced shorter file starts over."""
+    recs = old_log()
+    rd = RunDir(tmp_path)
+    (tmp_path / LOG).write_bytes(b"")
+    for k, rec in enumerate(recs):
+        rd.append_evaluation(rec)
+        if k % 2:
+            assert rd.log_mark() == RunDir(tmp_path).log_mark()
+    with open(tmp_path / LOG, "ab") as f:
+        f.write(b'{"kind": "heldout", "id": "e0"')  # torn: not counted yet
+    mark = rd.log_mark()
+    assert mark == RunDir(tmp_path).log_mark() and mark["log_records"] == len(recs)
+    with open(tmp_path / LOG, "ab") as f:
+        f.write(b', "scores": {}}\n')  # the line completes: now counted
+    assert rd.log_mark() == RunDir(tmp_path).log_mark() and rd.log_mark()["log_records"] == len(recs) + 1
+    write_log(tmp_path, recs[:2])  # replaced by a shorter file
+    assert rd.log_mark() == RunDir(tmp_path).log_mark() and rd.log_mark()["log_records"] == 2
+
+
 def test_a_truncated_log_is_refused_by_status_and_resume(tiny_models, tmp_path: Path, capsys) -> None:
     run = make_run(tiny_models, tmp_path)
     lines = (run / LOG).read_bytes().splitlines(keepends=True)

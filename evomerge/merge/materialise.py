@@ -483,17 +483,23 @@ def _foreign_files(out: Path) -> list[str]:
                   if not (p.is_file() and (_WEIGHT_FILE.match(p.name) or _MERGE_FILE.match(p.name))))
 
 
+def file_in_the_way(out: Path) -> Path | None:
+    """The nearest existing path at or above ``out`` when it is a file (mkdir would fail deep inside)."""
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def _check_out_dir(out: Path, model_set: "ModelSet") -> None:
     """--out must be a new folder, an empty one, or one holding an earlier merge (rewritten in place).
 
     A folder with anything else in it is refused: a merge would leave those files next to
     its weights (a stale adapter or README mixed into the new model), and export refuses the same.
     """
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
-            break
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a folder; pass a folder path")
     if out.is_dir():
         foreign = _foreign_files(out)
         if foreign:
