@@ -1,9 +1,10 @@
 """Fitness functions: evaluators built once per actor, scoring live (merged-in-place) models.
 
-Public API (see docs/internals.md, "Evaluators"):
+Public API (the layers and the data path: docs/architecture.md):
 ``build_objectives(cfg, tokenizer, device) -> ObjectiveSet``, ``ObjectiveSet.evaluate(model, split)``,
 ``ObjectiveSet.directions``, ``check_objectives(cfg)``, ``evaluation_key(recipe, cfg)``;
-``register_evaluator(name)`` adds an evaluator kind (built in: ``lm_eval``, ``perplexity``).
+``objective_directions(cfg)``; ``EVALUATORS`` is the lazy registry of evaluator kinds (built in:
+``lm_eval``, ``perplexity``; ``EVALUATORS.add(name, "module:Class")`` adds one).
 """
 
 from evaluators.base import (
@@ -13,9 +14,9 @@ from evaluators.base import (
     Term,
     build_objectives,
     check_objectives,
-    evaluator_names,
+    EVALUATORS,
+    objective_directions,
     get_evaluator,
-    register_evaluator,
 )
 from evaluators.cache import evaluation_key
 
@@ -27,7 +28,7 @@ __all__ = [
     "build_objectives",
     "check_objectives",
     "evaluation_key",
-    "evaluator_names",
+    "EVALUATORS",
+    "objective_directions",
     "get_evaluator",
-    "register_evaluator",
 ]

@@ -10,8 +10,8 @@ several (``components``). ``ObjectiveSet`` groups the objectives by evaluator ki
 builds one evaluator per kind (so all lm-eval tasks share one model wrapper and are
 run per call in one pass) and turns measurements into ``{objective: score}``.
 
-New kinds register with ``@register_evaluator("name")``; the config's
-``objectives[i].evaluator`` picks one.
+Kinds are entries of the lazy ``EVALUATORS`` registry (``"module:Class"``); the config's
+``objectives[i].evaluator`` picks one by name, or names a ``"module:Class"`` of its own.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from evomerge.config import ObjectiveConfig, SearchConfig
 from evomerge.errors import EvaluatorError
+from evomerge.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -53,46 +54,30 @@ class Evaluator(Protocol):
 
 
 class EvaluatorKind(Protocol):
-    """What the registry holds: a fast config check and a (slow, once-per-actor) builder."""
+    """What the registry holds: fast config-level checks and directions, and a (slow, once-per-actor) builder."""
 
     def check(self, objectives: Sequence[ObjectiveConfig], cfg: SearchConfig) -> None: ...
+
+    def directions(self, objectives: Sequence[ObjectiveConfig], cfg: SearchConfig) -> dict[str, Direction]: ...
 
     def __call__(
         self, objectives: Sequence[ObjectiveConfig], cfg: SearchConfig, tokenizer: Any, device: Any
     ) -> Evaluator: ...
 
 
-_REGISTRY: dict[str, Any] = {}
-
-
-def register_evaluator(name: str) -> Callable[[Any], Any]:
-    """Class decorator: make an evaluator kind available as ``evaluator: <name>`` in configs."""
-
-    def wrap(cls: Any) -> Any:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+#: evaluator kinds by config name (``objectives[i].evaluator``); entries are imported on first use,
+#: so this module never imports a plug-in (which imports this module) and config checks that
+#: only need the names import neither lm-eval nor torch. A config may also name its own kind as
+#: ``"package.module:Class"``.
+EVALUATORS: Registry[Any] = Registry("evaluator", {
+    "lm_eval": "evaluators.lm_eval_evaluator:LmEvalEvaluator",
+    "perplexity": "evaluators.perplexity:PerplexityEvaluator",
+}, error=EvaluatorError)
 
 
 def get_evaluator(name: str, where: str = "objectives") -> Any:
-    _load_builtin_kinds()
-    if name not in _REGISTRY:
-        raise EvaluatorError(
-            f"{where}: unknown evaluator {name!r}; use one of {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[name]
-
-
-def evaluator_names() -> list[str]:
-    _load_builtin_kinds()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin_kinds() -> None:
-    # Imported lazily: the modules import lm-eval/torch, which config loading should not pay
-    # unless an objective needs them.
-    from evaluators import lm_eval_evaluator, perplexity  # noqa: F401
+    """The evaluator kind called ``name`` (imported on first use); one-line EvaluatorError otherwise."""
+    return EVALUATORS.get(name, where=where)
 
 
 def _by_kind(cfg: SearchConfig) -> dict[str, list[ObjectiveConfig]]:
@@ -109,6 +94,33 @@ def check_objectives(cfg: SearchConfig) -> None:
         get_evaluator(kind).check(objectives, cfg)
 
 
+def objective_directions(cfg: SearchConfig) -> dict[str, Direction]:
+    """{objective: direction} from the config alone: no model, no actor, no lm-eval task built.
+
+    An objective's ``direction`` wins; otherwise each evaluator kind says which way its
+    metrics are better (``Kind.directions``: lm-eval reads ``higher_is_better`` from the task
+    YAML and its metric registry, perplexity is minimized). The driver, the archive and
+    every report use these; an actor checks that the evaluators it built agree.
+    """
+    out: dict[str, Direction] = {}
+    for kind, objectives in _by_kind(cfg).items():
+        out.update(get_evaluator(kind).directions(objectives, cfg))
+    return {o.name: out[o.name] for o in cfg.objectives}
+
+
+def shared_direction(obj: ObjectiveConfig, term_directions: Sequence[Direction]) -> Direction:
+    """The config's direction, else the one all the objective's terms share (mixed needs an explicit one)."""
+    if obj.direction is not None:
+        return obj.direction
+    dirs = set(term_directions)
+    if len(dirs) != 1:
+        raise EvaluatorError(
+            f"objective {obj.name!r} sums metrics that are maximized and minimized; "
+            f"set direction: maximize|minimize on it (and negative weights where needed)"
+        )
+    return dirs.pop()
+
+
 def combine(terms: Sequence[Term], measurements: Mapping[str, float]) -> float:
     """A weighted sum of measurements (a single term with weight 1 is the measurement itself)."""
     if len(terms) == 1 and terms[0].weight == 1.0:
@@ -117,16 +129,8 @@ def combine(terms: Sequence[Term], measurements: Mapping[str, float]) -> float:
 
 
 def objective_direction(obj: ObjectiveConfig, terms: Sequence[Term], directions: Mapping[str, Direction]) -> Direction:
-    """The config's direction, else the one all its terms share (mixed directions need an explicit one)."""
-    if obj.direction is not None:
-        return obj.direction
-    dirs = {directions[t.key] for t in terms}
-    if len(dirs) != 1:
-        raise EvaluatorError(
-            f"objective {obj.name!r} sums metrics that are maximized and minimized; "
-            f"set direction: maximize|minimize on it (and negative weights where needed)"
-        )
-    return dirs.pop()
+    """The direction of ``obj`` as the built evaluators define its terms (``shared_direction``)."""
+    return shared_direction(obj, [directions[t.key] for t in terms])
 
 
 class ObjectiveSet:

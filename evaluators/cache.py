@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import SearchConfig
+from evomerge.fileio import sha256_file
 from evomerge.merge.recipe import MergeRecipe
 
 #: Bump when the meaning of a score changes (e.g. a different subsampling rule).
@@ -32,11 +33,7 @@ def _file_digest(path: Path) -> str:
 @functools.lru_cache(maxsize=256)
 def _digest_of(path: str, mtime_ns: int, size: int) -> str:
     """Content hash, memoised on (path, mtime, size): the driver asks once per candidate."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _task_fingerprint(task: str, paths: tuple[str, ...]) -> dict[str, Any]:
@@ -102,5 +99,4 @@ def evaluation_settings(cfg: SearchConfig) -> dict[str, Any]:
 def evaluation_key(recipe: MergeRecipe, cfg: SearchConfig) -> str:
     """Stable hash of recipe content + evaluator settings; equal keys mean equal scores."""
     settings = _settings_digest(json.dumps(evaluation_settings(cfg), sort_keys=True))
-    recipe_json = json.dumps(recipe.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{recipe_json}\n{settings}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{recipe.canonical_json()}\n{settings}".encode()).hexdigest()[:32]

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from evomerge.config import ObjectiveConfig, SearchConfig
 from evomerge.errors import EvaluatorError
 from evaluators import task_index as ti
-from evaluators.base import Direction, Split, Term, register_evaluator
+from evaluators.base import Direction, Split, Term, shared_direction
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,6 @@ def _metric_from_result(task: str, metric: str, results: dict[str, Any]) -> floa
     return float(row[key])
 
 
-@register_evaluator("lm_eval")
 class LmEvalEvaluator:
     """Scores lm-eval tasks on a live model; task objects built once, reused for every call."""
 
@@ -160,8 +159,6 @@ class LmEvalEvaluator:
         manager = ti.manager_for(names, paths)
         for i, obj in enumerate(objectives):
             where = f"objective {obj.name!r}"
-            if obj.limit is not None and obj.limit <= 0:
-                raise EvaluatorError(f"{where}: limit must be > 0 (got {obj.limit})")
             if obj.components and obj.task:
                 raise EvaluatorError(f"{where}: give either task+metric or components, not both")
             if not obj.components and not obj.metric:
@@ -184,6 +181,41 @@ class LmEvalEvaluator:
                     ti.check_data_files(task, e)
             for task, metric, _ in _objective_tasks(obj):
                 LmEvalEvaluator._check_metric(where, task, metric, ti.entry(manager, task))
+
+    @staticmethod
+    def directions(objectives: Sequence[ObjectiveConfig], cfg: SearchConfig) -> dict[str, Direction]:
+        """Each objective's direction from the task configs, without building a task (``objective_directions``).
+
+        A metric's ``higher_is_better`` comes from the task YAML's ``metric_list`` (or a
+        group's ``aggregate_metric_list``), else from lm-eval's metric registry; a metric
+        neither names is a one-line error asking for ``direction`` on the objective.
+        """
+        paths = ti.include_paths(cfg.evaluation.include_paths)
+        manager = ti.manager_for([t for o in objectives for t, _, _ in _objective_tasks(o)], paths)
+        out: dict[str, Direction] = {}
+        for obj in objectives:
+            if obj.direction is not None:
+                out[obj.name] = obj.direction
+                continue
+            dirs: list[Direction] = []
+            for task, metric, _ in _objective_tasks(obj):
+                name, _ = ti.split_metric(metric)
+                e = ti.entry(manager, task)
+                known = ti.known_metrics(e) if e is not None else None
+                hib = known[0].get(name) if known else None
+                if hib is None:
+                    from lm_eval.api.registry import is_higher_better
+
+                    try:
+                        hib = is_higher_better(name)
+                    except Exception:  # noqa: BLE001 - lm-eval warns/raises for metrics it does not know
+                        hib = None
+                if hib is None:
+                    raise EvaluatorError(f"objective {obj.name!r}: cannot tell whether metric {name!r} of task "
+                                         f"{task!r} is better high or low; set direction: maximize|minimize on it")
+                dirs.append("maximize" if hib else "minimize")
+            out[obj.name] = shared_direction(obj, dirs)
+        return out
 
     @staticmethod
     def _check_metric(where: str, task: str, metric: str, e: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from evomerge.config import ObjectiveConfig, SearchConfig
 from evomerge.errors import EvaluatorError
-from evaluators.base import Direction, Split, Term, register_evaluator
+from evaluators.base import Direction, Split, Term
 
 
 def context_length(model_config: Any, default: int = 2048) -> int:
@@ -50,9 +50,13 @@ def nll_sum(model: Any, batch: "Any") -> tuple[float, int]:
     return float(loss), int(target.numel())
 
 
-@register_evaluator("perplexity")
 class PerplexityEvaluator:
     """Perplexity of each perplexity objective's files; tokenised once, scored per call."""
+
+    @staticmethod
+    def directions(objectives: Sequence[ObjectiveConfig], cfg: SearchConfig) -> dict[str, Direction]:
+        """Perplexity is better low (an objective's own ``direction`` still wins)."""
+        return {o.name: o.direction or "minimize" for o in objectives}
 
     @staticmethod
     def check(objectives: Sequence[ObjectiveConfig], cfg: SearchConfig) -> None:

@@ -1,10 +1,11 @@
-"""The search config: pydantic models for the YAML file, and its loading.
+"""The search config: pydantic models for the YAML file, its loading and ``--set`` overrides.
 
-All validation lives here or is called from here (``load_config``), so that a bad
-config fails with one line naming the field and the fix *before* any Ray work starts.
-Structural checks (types, ranges, names) are pydantic validators; checks that need the
-file system or other registries (model folders, lm-eval tasks, layer counts) are run
-by ``load_config`` through the owning modules.
+This module is the bottom of the import layers: it knows the *shape* of a config (types,
+ranges, names; pydantic validators), and nothing about models, tasks or spaces, so every
+other module can import it and it imports none of them. Checks that need the disk or a
+plug-in (model folders, lm-eval tasks, layer counts) are run once per command by
+``evomerge.search.plan.plan_search``, which calls the module that owns each resource. Both
+kinds of failure are one line naming the field and the fix, before any Ray work starts.
 """
 
 from __future__ import annotations
@@ -130,7 +131,16 @@ class SpaceConfig(_Strict):
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)}
     )
     init: str | None = Field(None, description="'uniform' (default), or a recipe JSON / mergekit YAML to start from.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Space-specific options.")
+    #: Kept so that configs (and run dirs' frozen config.yaml) that carry the empty ``options: {}``
+    #: earlier versions wrote still load; no space takes an option.
+    options: dict[str, Any] = Field(default_factory=dict, description="Unused: must stay empty.")
+
+    @field_validator("options")
+    @classmethod
+    def _no_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v:
+            raise ValueError(f"{next(iter(v))!r}: no search space takes options; remove space.options")
+        return v
 
     @field_validator("bounds")
     @classmethod
@@ -382,30 +392,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(
-    path: str | Path, overrides: list[str] | None = None, check_resources: bool = True
-) -> SearchConfig:
-    """Read, validate and (by default) check a config against the disk and registries.
-
-    The resource checks are owned by the modules that know the resource: sources
-    (model folders, shapes), merge methods (known, usable with this many sources),
-    search spaces (known, group sizes) and evaluators (tasks, metrics, files).
-    """
-    cfg = parse_config(read_yaml(path), overrides)
-    if check_resources:
-        check_config(cfg, base_dir=Path(path).parent)
-    return cfg
-
-
-def check_config(cfg: SearchConfig, base_dir: Path | None = None) -> None:
-    """Run every resource check; raise the first failure as a one-line EvomergeError."""
-    from evomerge.merge.methods import check_methods_usable
-    from evomerge.sources import check_model_set
-    from evaluators import check_objectives
-    from search_spaces import check_space
-
-    model_set = check_model_set(cfg.models)
-    check_methods_usable(cfg.merge.methods, n_sources=len(cfg.models.sources), has_base=cfg.models.base is not None,
-                         where="merge.methods")
-    check_space(cfg, model_set)
-    check_objectives(cfg)
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
+    """Read and validate a config file (after ``--set`` overrides); resources are checked by the plan."""
+    return parse_config(read_yaml(path), overrides)

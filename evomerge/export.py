@@ -6,15 +6,14 @@ reader of the folder needs to trust and reproduce it: ``recipe.json`` (``evomerg
 ``mergekit.yaml`` (``mergekit-yaml``), and a model card with the scores and settings.
 
 The folder is built in a hidden sibling directory and renamed into place at the end, so
-an interrupted or failed export never leaves a half folder that looks like a model.
+an interrupted or failed export never leaves a half folder that looks like a model (each
+file in it is written whole by ``fileio.atomic_write``).
 Pushing happens only after the folder is complete; a push failure leaves it in place.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 import os
 import re
 import shutil
@@ -23,16 +22,18 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from evomerge import __version__
+from evomerge import __version__, pareto
 from evomerge.errors import EvomergeError
+from evomerge.fileio import atomic_write, fsync_dir
+from evomerge.merge.groups import PARTS, parse_key
 from evomerge.merge.recipe import MergeRecipe
-from evomerge.runview import Evaluation, Objective, Reference, RunView, load_run
+from evomerge.records import EvaluationRecord, ReferenceRecord, display_label
+from evomerge.runview import Objective, RunView, load_run
 
 log = logging.getLogger(__name__)
 
 PLOT_NAME = "report.png"
 CARD_TAGS = ["merge", "evomerge", "mergekit"]
-_PARTS = ("attn", "mlp", "norm")
 
 
 class ExportError(EvomergeError):
@@ -40,28 +41,11 @@ class ExportError(EvomergeError):
 
 
 # -- choosing a member (pure) ---------------------------------------------------------
-def normalised(points: Mapping[str, Mapping[str, float]], objectives: Sequence[Objective]) -> dict[str, list[float]]:
-    """Each score mapped to [0, 1] over ``points``, 1 = best; a constant objective maps to 1."""
-    out: dict[str, list[float]] = {i: [] for i in points}
-    for o in objectives:
-        vals = [o.sign * p[o.name] for p in points.values()]
-        lo, hi = min(vals), max(vals)
-        for i, p in points.items():
-            out[i].append(1.0 if hi == lo else (o.sign * p[o.name] - lo) / (hi - lo))
-    return out
-
-
 def knee_member(points: Mapping[str, Mapping[str, float]], objectives: Sequence[Objective]) -> str:
-    """The point closest (Euclidean) to the ideal point after normalising each objective.
-
-    Normalising over the front makes objectives on different scales (accuracy vs
-    perplexity) count equally; the ideal point is the best value of every objective. Ties
-    go to the first point in ``points`` order (the front's order).
-    """
+    """``pareto.knee`` of ``points`` (the front, in its order); an empty front is an ExportError."""
     if not points:
         raise ExportError("the run's Pareto front is empty; wait for evaluations to finish or pass --id")
-    norm = normalised(points, objectives)
-    return min(points, key=lambda i: math.dist(norm[i], [1.0] * len(objectives)))
+    return pareto.knee(points, {o.name: o.direction for o in objectives})
 
 
 def best_member(points: Mapping[str, Mapping[str, float]], objectives: Sequence[Objective], objective: str) -> str:
@@ -78,7 +62,7 @@ def best_member(points: Mapping[str, Mapping[str, float]], objectives: Sequence[
 
 
 def choose_member(view: RunView, *, eval_id: str | None = None, best: str | None = None,
-                  knee: bool = False) -> Evaluation:
+                  knee: bool = False) -> EvaluationRecord:
     """The evaluation to export: an explicit id (any successful one), or best/knee of the front."""
     if eval_id is not None:
         ev = view.get(eval_id)
@@ -112,11 +96,11 @@ def _fmt(v: Any) -> str:
 
 def _units(recipe: MergeRecipe, num_layers: int) -> list[tuple[str, int | None, str | None]]:
     """Tensor groups of the model in reading order; split layers are listed part by part."""
-    split = sorted({k.split(".")[2] for k in recipe.groups if re.fullmatch(r"layers\.\d+\.\w+", k)},
-                   key=lambda p: _PARTS.index(p) if p in _PARTS else len(_PARTS))
+    keyed = [parse_key(k) for k in recipe.groups]
+    split = sorted({g.part for g in keyed if g is not None and g.part is not None}, key=PARTS.index)
     units: list[tuple[str, int | None, str | None]] = [("embed", None, None)]
     if split:
-        parts = list(split) + [p for p in _PARTS if p not in split]
+        parts = list(split) + [p for p in PARTS if p not in split]
         units += [("layer", i, p) for p in parts for i in range(num_layers)]
     else:
         units += [("layer", i, None) for i in range(num_layers)]
@@ -194,9 +178,9 @@ def _score(scores: Mapping[str, float] | None, name: str) -> str:
     return f"{scores[name]:.4g}"
 
 
-def render_model_card(*, title: str, recipe: MergeRecipe, num_layers: int, member: Evaluation,
+def render_model_card(*, title: str, recipe: MergeRecipe, num_layers: int, member: EvaluationRecord,
                       heldout: Mapping[str, float] | None, objectives: Sequence[Objective],
-                      references: Sequence[Reference], settings: Mapping[str, Any],
+                      references: Sequence[ReferenceRecord], settings: Mapping[str, Any],
                       plot: str | None = PLOT_NAME, version: str = __version__) -> str:
     """The README.md of an exported model: Hub front matter, then what, how and how good."""
     refs = ([recipe.base] if recipe.base else []) + list(recipe.sources)
@@ -225,13 +209,13 @@ def render_model_card(*, title: str, recipe: MergeRecipe, num_layers: int, membe
     out += ["", "## Scores", "",
             "*selection*: the items the search optimised on; *heldout*: items it never saw "
             "(the honest estimate).", ""]
-    header = ["Model"] + [f"{o.name} ({'↑' if o.direction == 'maximize' else '↓'}) {split}"
+    header = ["Model"] + [f"{o.name} ({'↑' if o.maximized else '↓'}) {split}"
                           for o in objectives for split in ("selection", "heldout")]
     rows = [[f"**this merge** (`{member.id}`)"] + [c for o in objectives
                                                   for c in (_score(member.scores, o.name), _score(heldout, o.name))]]
     for ref in references:
-        name = {"uniform": "uniform average", "base": "base"}.get(ref.label, ref.label.replace("source:", "source: "))
-        rows.append([name] + [c for o in objectives for c in (_score(ref.scores, o.name), _score(ref.heldout, o.name))])
+        rows.append([display_label(ref.label)]
+                    + [c for o in objectives for c in (_score(ref.scores, o.name), _score(ref.heldout, o.name))])
     out.append(_md_table(header, rows))
     if plot:
         out += ["", f"![Pareto front of the search; this merge is circled]({plot})"]
@@ -266,7 +250,7 @@ def search_settings(view: RunView) -> dict[str, Any]:
         "optimizer": opt.get("name") or "default for the objective count",
         "seed": opt.get("seed", 0),
         "budget": ", ".join(f"{k}={v}" for k, v in budget.items() if v is not None) or None,
-        "evaluations done": f"{done} ({sum(1 for e in view.evaluations if not e.ok)} failed)",
+        "evaluations done": f"{done} ({view.failed} failed)",
         "search space": space.get("name"),
         "layer group size": space.get("layer_group_size"),
         "method choices": ", ".join((cfg.get("merge") or {}).get("methods") or []) or None,
@@ -275,15 +259,6 @@ def search_settings(view: RunView) -> dict[str, Any]:
 
 
 # -- writing the folder -------------------------------------------------------------------
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _check_out(out: Path) -> None:
     from evomerge.merge.materialise import file_in_the_way
 
@@ -296,14 +271,14 @@ def _check_out(out: Path) -> None:
 
 def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None = None, best: str | None = None,
                   knee: bool = False, dtype: str | None = None, max_shard_size: str | int = "2GB",
-                  device: str = "cpu", title: str | None = None) -> tuple[Path, Evaluation]:
+                  device: str = "cpu", title: str | None = None) -> tuple[Path, EvaluationRecord]:
     """Write the chosen member as a complete HF folder at ``out``; returns (folder, member).
 
     ``title`` heads the model card (default: the folder's name; the repo name when pushing).
     """
     from evomerge.merge.materialise import merge_to_folder
     from evomerge.merge.mergekit_yaml import to_mergekit_yaml
-    from evomerge.sources import load_model_set
+    from evomerge.merge.sources import load_model_set
 
     view = load_run(run_dir)
     member = choose_member(view, eval_id=eval_id, best=best, knee=knee)
@@ -321,13 +296,11 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model_set = load_model_set(recipe.base, recipe.sources, tokenizer_source=recipe.tokenizer_source,
-                                   allow_pickle=allow_pickle, revision=revision)
-        for m in model_set.models:  # only the layout and layer count are needed here
-            m.close()
+                                   allow_pickle=allow_pickle, revision=revision)  # once: merge and card share it
         merge_to_folder(recipe, tmp, max_shard_size=max_shard_size, dtype=dtype, device=device,
-                        allow_pickle=allow_pickle, revision=revision)
-        _atomic_text(tmp / "recipe.json", recipe.to_json() + "\n")
-        _atomic_text(tmp / "mergekit.yaml", to_mergekit_yaml(recipe, model_set.num_layers, model_set.layout))
+                        allow_pickle=allow_pickle, revision=revision, model_set=model_set)
+        atomic_write(tmp / "recipe.json", recipe.to_json() + "\n")
+        atomic_write(tmp / "mergekit.yaml", to_mergekit_yaml(recipe, model_set.num_layers, model_set.layout))
         plot: str | None = PLOT_NAME
         try:
             from evomerge.report import draw_report
@@ -339,10 +312,11 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
         card = render_model_card(title=title or out.name, recipe=recipe, num_layers=model_set.num_layers, member=member,
                                  heldout=view.heldout.get(member.id), objectives=view.objectives,
                                  references=view.references, settings=search_settings(view), plot=plot)
-        _atomic_text(tmp / "README.md", card)
+        atomic_write(tmp / "README.md", card)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+        fsync_dir(out.parent)  # the rename itself survives a crash
     except OSError as err:  # disk full, permissions, ...: one line, nothing half-written left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"export to {out} failed ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
@@ -421,19 +395,3 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
 
 
 # -- command ----------------------------------------------------------------------------------
-def export_command(args: argparse.Namespace) -> int:
-    """``evomerge export RUN_DIR (--id|--best|--knee) --out DIR [--push-to-hub ...]``."""
-    repo_id = getattr(args, "push_to_hub", None)
-    if repo_id:
-        check_repo_id(repo_id)  # before the merge, not after it
-    out, member = export_member(args.run_dir, args.out, eval_id=getattr(args, "id", None),
-                                best=getattr(args, "best", None), knee=bool(getattr(args, "knee", False)),
-                                dtype=getattr(args, "dtype", None),
-                                max_shard_size=getattr(args, "max_shard_size", None) or "2GB",
-                                title=(repo_id.rsplit("/", 1)[-1] if repo_id else None))
-    print(f"exported {member.id} to {out}")
-    if repo_id:
-        url = push_folder(out, repo_id, private=bool(getattr(args, "private", False)),
-                          revision=getattr(args, "revision", None), commit_message=getattr(args, "commit_message", None))
-        print(f"pushed {out} to {url}")
-    return 0

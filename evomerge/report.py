@@ -4,8 +4,9 @@ Both read the run directory only (``evomerge.runview``), so they work on a finis
 on a crashed one, and while the driver is still writing it. ``draw_report`` is called by
 the driver at every checkpoint, so it must be cheap: it draws with matplotlib's Agg
 canvas on a private ``Figure`` (no pyplot global state, no GUI backend), computes the
-progress curves incrementally, and writes the PNG atomically (temp file + rename) so a
-viewer never sees half an image.
+progress curves incrementally, and writes the PNG atomically (``fileio.atomic_write``) so
+a viewer never sees half an image. Hypervolumes come from ``evomerge.pareto``, the same
+code that writes front.json's number.
 
 Pure parts (``progress``, ``summary``, ``build_figure``) return data or a Figure, so tests
 can check the numbers and the axes directly.
@@ -13,16 +14,16 @@ can check the numbers and the axes directly.
 
 from __future__ import annotations
 
-import argparse
+import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from evomerge.archive import ParetoArchive
-from evomerge.errors import RunDirError
-from evomerge.runview import Evaluation, Objective, RunView, hypervolume_max, load_run, log_archive
+from evomerge.fileio import atomic_write
+from evomerge.pareto import ParetoArchive
+from evomerge.records import BASE, UNIFORM, EvaluationRecord, ReferenceRecord, display_label, is_source_label, short_label
+from evomerge.runview import Objective, RunView, load_run, log_archive
 
 FRONT_COLOR = "#d62728"
 GREY = "#9a9a9a"
@@ -31,7 +32,7 @@ REF_COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", 
 
 def axis_label(o: Objective) -> str:
     """Axis names carry the objective and which way is better."""
-    return f"{o.name} ({'higher' if o.direction == 'maximize' else 'lower'} is better)"
+    return f"{o.name} ({'higher' if o.maximized else 'lower'} is better)"
 
 
 # -- numbers (pure) ------------------------------------------------------------------------
@@ -47,11 +48,6 @@ class Progress:
 
 #: the hypervolume curve is evaluated at most at this many evaluation counts (plus the end)
 CURVE_POINTS = 100
-
-
-def _hv_of(members: dict[str, dict[str, float]], objs: Sequence[Objective], ref: dict[str, float]) -> float:
-    return hypervolume_max([[o.sign * s[o.name] for o in objs] for s in members.values()],
-                           [o.sign * ref[o.name] for o in objs])
 
 
 def progress(view: RunView) -> Progress:
@@ -74,16 +70,15 @@ def progress(view: RunView) -> Progress:
     hv: list[float] = []
     cur = {o.name: math.nan for o in objs}
     cur_hv, dirty = 0.0, False
-    names = view.objective_names
     for n, e in enumerate(view.evaluations, 1):
-        if e.ok and all(isinstance(e.scores.get(k), (int, float)) and math.isfinite(e.scores[k]) for k in names):
+        if view.scored(e):
             for o in objs:
                 v = e.scores[o.name]
                 if math.isnan(cur[o.name]) or o.sign * v > o.sign * cur[o.name]:
                     cur[o.name] = v
             dirty = arch.add(f"{e.id}#{n}", e.scores) or dirty
         if dirty and ref is not None and n in grid:
-            cur_hv, dirty = _hv_of(arch.members(), objs, ref), False
+            cur_hv, dirty = arch.hypervolume(ref), False
         x.append(n)
         for o in objs:
             best[o.name].append(cur[o.name])
@@ -114,7 +109,6 @@ def active_seconds(spans: Sequence[tuple[float, float]], bridge_s: float = 300.0
 def summary(view: RunView) -> dict[str, Any]:
     """The progress line of ``status``: done/budget, failures, front size, hypervolume, rate."""
     done = len(view.evaluations)
-    failed = sum(1 for e in view.evaluations if not e.ok)
     active = active_seconds([(e.asked_at, e.finished_at) for e in view.evaluations
                              if isinstance(e.asked_at, (int, float)) and isinstance(e.finished_at, (int, float))])
     per_hour = done / (active / 3600.0) if active > 0 else None
@@ -122,8 +116,7 @@ def summary(view: RunView) -> dict[str, Any]:
     ref = arch.reference_point() if len(arch) else None
     budget = view.budget()
     return {"done": done, "budget": budget.get("evaluations"), "wall_clock_s": budget.get("wall_clock_s"),
-            "failed": failed, "front_size": len(view.front),
-            "hypervolume": _hv_of(arch.members(), view.objectives, ref) if ref else 0.0,
+            "failed": view.failed, "front_size": len(view.front), "hypervolume": arch.hypervolume(),
             "reference": ref, "per_hour": per_hour}
 
 
@@ -161,20 +154,18 @@ def build_figure(view: RunView, highlight: str | None = None):
     ax.set_xlabel("evaluations")
     ax.grid(alpha=0.3)
     budget = view.budget().get("evaluations")
-    failed = sum(1 for e in view.evaluations if not e.ok)
     fig.suptitle(f"{view.config.get('name') or view.path.name}: {len(view.evaluations)}"
-                 f"{f'/{budget}' if budget else ''} evaluations, {failed} failed, front of {len(view.front)}",
+                 f"{f'/{budget}' if budget else ''} evaluations, {view.failed} failed, front of {len(view.front)}",
                  fontsize=12)
     return fig
 
 
-def _ref_label(ref) -> str:
-    if ref.label == "uniform":
-        return "uniform average"
-    return f"source: {ref.short_label}" if ref.label.startswith("source:") else ref.label
+def _ref_label(ref: ReferenceRecord) -> str:
+    """Legend and table name of a reference: ``uniform average``, ``source: sort`` (short), ``base``."""
+    return f"source: {short_label(ref.label)}" if is_source_label(ref.label) else display_label(ref.label)
 
 
-def _points(evals: Sequence[Evaluation], names: Sequence[str]) -> list[list[float]]:
+def _points(evals: Sequence[EvaluationRecord], names: Sequence[str]) -> list[list[float]]:
     return [[e.scores[n] for n in names] for e in evals]
 
 
@@ -195,7 +186,7 @@ def _scatter(ax, view: RunView, highlight: str | None) -> None:
     for k, ref in enumerate(view.references):
         if not all(n in ref.scores for n in (ox.name, oy.name)):
             continue
-        style = {"uniform": ("*", 200), "base": ("s", 70)}.get(ref.label, ("^", 80))
+        style = {UNIFORM: ("*", 200), BASE: ("s", 70)}.get(ref.label, ("^", 80))
         ax.scatter([ref.scores[ox.name]], [ref.scores[oy.name]], marker=style[0], s=style[1],
                    color=REF_COLORS[k % len(REF_COLORS)], edgecolor="black", linewidth=0.6, zorder=4,
                    label=_ref_label(ref))
@@ -247,7 +238,7 @@ def _parallel(ax, view: RunView, highlight: str | None) -> None:
         for o in objs:
             span = hi[o.name] - lo[o.name]
             v = 0.5 if span == 0 else (scores[o.name] - lo[o.name]) / span
-            out.append(v if o.direction == "maximize" else 1.0 - v)
+            out.append(v if o.maximized else 1.0 - v)
         return out
 
     xs = list(range(len(objs)))
@@ -270,7 +261,7 @@ def _parallel(ax, view: RunView, highlight: str | None) -> None:
         ax.plot(xs, norm(e.scores), color="black", lw=3.0, label=f"exported ({e.id})")
     for x, o in zip(xs, objs):
         ax.axvline(x, color="black", lw=0.8)
-        best, worst = (hi, lo) if o.direction == "maximize" else (lo, hi)
+        best, worst = (hi, lo) if o.maximized else (lo, hi)
         ax.annotate(f"{best[o.name]:.3g}", (x, 1.0), xytext=(3, 4), textcoords="offset points", fontsize=8)
         ax.annotate(f"{worst[o.name]:.3g}", (x, 0.0), xytext=(3, -12), textcoords="offset points", fontsize=8)
     ax.set_xticks(xs, [axis_label(o) for o in objs], fontsize=9)
@@ -289,36 +280,9 @@ def draw_report(run: str | Path | RunView, out: str | Path | None = None, *, hig
     path = Path(out) if out is not None else view.path / "report.png"
     fig = build_figure(view, highlight=highlight)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fig.savefig(fh, format="png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def plot_command(args: argparse.Namespace) -> int:
-    out = getattr(args, "out", None)
-    view = load_run(args.run_dir)  # a wrong run dir is one line before any drawing
-    if out is not None:
-        target = Path(out)
-        if target.is_dir():
-            raise RunDirError(f"--out {target} is a folder; pass a file name such as {target / 'report.png'}")
-        parent = target.parent if str(target.parent) else Path(".")
-        if not parent.is_dir():
-            raise RunDirError(f"--out {target}: folder {parent} does not exist; create it or choose another path")
-        if not os.access(parent, os.W_OK):
-            raise RunDirError(f"--out {target}: folder {parent} is not writable; choose another path")
-    try:
-        path = draw_report(view, out)
-    except OSError as err:
-        raise RunDirError(f"could not write {out or view.path / 'report.png'}: {err.strerror or err}") from None
-    print(f"wrote {path}")
-    return 0
+    png = io.BytesIO()  # drawn in memory (a few hundred kB), then written whole: never half an image
+    fig.savefig(png, format="png")
+    return atomic_write(path, png.getvalue())
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -333,7 +297,7 @@ def front_table(view: RunView):
     table = Table(title=f"Pareto front of {view.path} ({len(view.front)} members)")
     table.add_column("id", style="bold")
     for o in view.objectives:
-        arrow = "↑" if o.direction == "maximize" else "↓"
+        arrow = "↑" if o.maximized else "↓"
         table.add_column(f"{o.name} {arrow}\nsel", justify="right")
         table.add_column(f"{o.name} {arrow}\nheld", justify="right")
     table.add_column("method(s)")
@@ -358,23 +322,3 @@ def progress_line(s: dict[str, Any]) -> str:
     rate = f"{s['per_hour']:.1f} evaluations/hour" if s["per_hour"] else "rate unknown"
     return (f"evaluations: {s['done']}{budget}   failed: {s['failed']}   front: {s['front_size']}   "
             f"hypervolume: {s['hypervolume']:.4g}   {rate}")
-
-
-def status_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    run_dir = Path(args.run_dir)
-    load_run(run_dir)  # a wrong path fails here, in one line, before any Ray work
-    from evomerge.rundir import RunDir
-
-    RunDir(run_dir).check_log()  # a truncated or edited log is refused, not shown as a smaller run
-    if getattr(args, "rescore", False):
-        from evomerge.driver import rescore_front
-
-        rescore_front(run_dir, getattr(args, "address", None))
-    view = load_run(run_dir)
-    console = Console()
-    console.print(front_table(view))
-    console.print(progress_line(summary(view)))
-    return 0
-

@@ -3,8 +3,10 @@
 ``status``, ``plot`` and ``export`` only *read* a run, possibly while the driver is still
 writing it (``report.png`` is redrawn at each checkpoint). They therefore read the
 append-only ``evaluations.jsonl`` straight from disk (it is the run's source of truth,
-see docs/internals.md) instead of going through the driver's resume machinery: a torn
-last line from a crash is skipped, not fatal, and nothing here ever writes to the run.
+see docs/architecture.md) instead of going through the search layer, and
+nothing here ever writes to the run. The log is read by the project's one JSONL reader
+(``fileio.read_jsonl``: a torn last line from a crash is skipped, a corrupt line before
+good ones is a one-line RunDirError) into the typed records of ``evomerge.records``.
 """
 
 from __future__ import annotations
@@ -18,61 +20,29 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from evomerge.errors import RunDirError, read_utf8
-from evomerge.archive import hypervolume_max
+from evomerge.errors import EvomergeError, RunDirError, read_utf8
+from evomerge.fileio import read_jsonl
+from evomerge.pareto import MAXIMIZE, ParetoArchive, sign
+from evomerge.records import EvaluationRecord, HeldoutRecord, ReferenceRecord, parse_record
 
 log = logging.getLogger(__name__)
-
-MAXIMIZE, MINIMIZE = "maximize", "minimize"
 
 
 @dataclass(frozen=True)
 class Objective:
+    """One objective of the run and which way is better (from front.json, else config.yaml)."""
+
     name: str
-    direction: str  # "maximize" | "minimize"
+    direction: str  # "maximize" | "minimize" (``evomerge.pareto.Direction``)
 
     @property
     def sign(self) -> float:
         """+1 when larger is better: ``sign * score`` is always 'larger is better'."""
-        return 1.0 if self.direction == MAXIMIZE else -1.0
-
-
-@dataclass
-class Evaluation:
-    """One ``kind: evaluation`` record of the log."""
-
-    id: str
-    index: int
-    recipe: dict[str, Any] | None
-    scores: dict[str, float]
-    status: str
-    error: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    asked_at: float | None = None
-    finished_at: float | None = None
+        return sign(self.direction)
 
     @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-@dataclass
-class Reference:
-    """A baseline (uniform average, a source, the base) scored with the same objectives."""
-
-    label: str
-    recipe: dict[str, Any] | None
-    scores: dict[str, float]
-    heldout: dict[str, float] | None = None
-    heldout_items: dict[str, list[float]] | None = None  # per-item held-out values, when logged
-
-    @property
-    def short_label(self) -> str:
-        """``source:models/demo/add`` -> ``add``: readable in legends and tables."""
-        if self.label.startswith("source:"):
-            ref = self.label.split(":", 1)[1].rstrip("/")
-            return ref.rsplit("/", 1)[-1] or ref
-        return self.label
+    def maximized(self) -> bool:
+        return self.direction == MAXIMIZE
 
 
 @dataclass
@@ -82,9 +52,9 @@ class RunView:
     path: Path
     config: dict[str, Any]
     objectives: list[Objective]
-    evaluations: list[Evaluation]
+    evaluations: list[EvaluationRecord]
     heldout: dict[str, dict[str, float]]
-    references: list[Reference]
+    references: list[ReferenceRecord]
     front: list[str]
     front_hypervolume: float | None = None
     #: per-item held-out values {id: {objective: [value per item]}}, for runs that logged them
@@ -99,16 +69,25 @@ class RunView:
     def directions(self) -> dict[str, str]:
         return {o.name: o.direction for o in self.objectives}
 
-    def ok_evaluations(self) -> list[Evaluation]:
-        return [e for e in self.evaluations if e.ok and _complete(e.scores, self.objective_names)]
+    @property
+    def failed(self) -> int:
+        """Evaluations that failed (shown next to the count done)."""
+        return sum(1 for e in self.evaluations if not e.ok)
 
-    def get(self, eval_id: str) -> Evaluation | None:
+    def scored(self, e: EvaluationRecord) -> bool:
+        """``e`` succeeded with a finite score on every objective (a point the front can hold)."""
+        return e.ok and _complete(e.scores, self.objective_names)
+
+    def ok_evaluations(self) -> list[EvaluationRecord]:
+        return [e for e in self.evaluations if self.scored(e)]
+
+    def get(self, eval_id: str) -> EvaluationRecord | None:
         for e in reversed(self.evaluations):  # a re-evaluation after resume wins
             if e.id == eval_id:
                 return e
         return None
 
-    def front_evaluations(self) -> list[Evaluation]:
+    def front_evaluations(self) -> list[EvaluationRecord]:
         out = []
         for i in self.front:
             e = self.get(i)
@@ -124,54 +103,45 @@ def _complete(scores: Mapping[str, float], names: Sequence[str]) -> bool:
     return all(isinstance(scores.get(n), (int, float)) and math.isfinite(scores[n]) for n in names)
 
 
-def log_archive(view: "RunView", upto: int | None = None) -> Any:
+def log_archive(view: RunView, upto: int | None = None) -> ParetoArchive:
     """A ParetoArchive fed the successful evaluations of the log, in log (tell) order.
 
     The same archive class and order the driver uses, so ties, the front and the
     hypervolume reference ("worst score seen") mean exactly what they mean in front.json.
     """
-    from evomerge.archive import ParetoArchive
-
     arch = ParetoArchive(view.directions)
     for e in view.evaluations[:upto]:
-        if e.ok and _complete(e.scores, view.objective_names):
+        if view.scored(e):
             arch.add(e.id, e.scores)
     return arch
 
 
 # -- loading ------------------------------------------------------------------------
-def _objectives_from(front: dict[str, Any] | None, config: dict[str, Any]) -> list[Objective]:
+def _objectives_from(path: Path, front: dict[str, Any] | None, config: dict[str, Any]) -> list[Objective]:
+    """The objectives and their directions, as the search defined them.
+
+    front.json records them (a search writes it as soon as its session starts); a run
+    dir without one (a crash before that) gets them the way the search does, from the
+    config through the evaluators (``evaluators.objective_directions``), never guessed
+    from a name.
+    """
     if front and front.get("objectives"):
         return [Objective(o["name"], o.get("direction") or MAXIMIZE) for o in front["objectives"]]
-    out = []
-    for o in config.get("objectives") or []:
-        direction = o.get("direction") or (MINIMIZE if o.get("evaluator") == "perplexity" else MAXIMIZE)
-        out.append(Objective(o["name"], direction))
-    return out
+    if not config.get("objectives"):
+        return []
+    from evaluators import objective_directions
+    from evomerge.config import parse_config
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of an append-only JSONL log; a torn line (crash mid-write) is skipped."""
-    records = []
-    if not path.is_file():
-        return records
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s:%d: skipping an unreadable line (torn write?)", path, lineno)
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
+    try:
+        directions = objective_directions(parse_config(config))
+    except EvomergeError as err:
+        raise RunDirError(f"{path}: no front.json yet, and the objectives' directions cannot be read from its "
+                          f"config.yaml ({err})") from None
+    return [Objective(name, direction) for name, direction in directions.items()]
 
 
 def load_run(run_dir: str | Path) -> RunView:
-    """Parse a run directory; RunDirError (one line) if it is not one."""
+    """Parse a run directory; RunDirError (one line) if it is not one, or its log is corrupt before its end."""
     path = Path(run_dir)
     log_path = path / "evaluations.jsonl"
     if not path.is_dir():
@@ -190,30 +160,24 @@ def load_run(run_dir: str | Path) -> RunView:
             front = json.loads((path / "front.json").read_text())
         except json.JSONDecodeError:
             log.warning("%s is unreadable; recomputing the front from the log", path / "front.json")
-    objectives = _objectives_from(front, config)
+    objectives = _objectives_from(path, front, config)
     if not objectives:
         raise RunDirError(f"{path}: neither front.json nor config.yaml names the objectives; the run directory is incomplete")
 
-    evaluations: list[Evaluation] = []
+    evaluations: list[EvaluationRecord] = []
     heldout: dict[str, dict[str, float]] = {}
     heldout_items: dict[str, dict[str, list[float]]] = {}
-    references: list[Reference] = []
-    for rec in read_jsonl(log_path):
-        kind = rec.get("kind", "evaluation")
-        if kind == "evaluation" and "id" in rec:
-            evaluations.append(Evaluation(
-                id=str(rec["id"]), index=int(rec.get("index", len(evaluations))), recipe=rec.get("recipe"),
-                scores=dict(rec.get("scores") or {}), status=rec.get("status", "ok"), error=rec.get("error"),
-                timings=dict(rec.get("timings") or {}), asked_at=rec.get("asked_at"),
-                finished_at=rec.get("finished_at")))
-        elif kind == "heldout" and "id" in rec and rec.get("status", "ok") == "ok":
-            heldout[str(rec["id"])] = dict(rec.get("scores") or {})
-            if isinstance(rec.get("items"), dict):
-                heldout_items[str(rec["id"])] = rec["items"]
-        elif kind == "reference":
-            references.append(Reference(label=str(rec.get("label", "reference")), recipe=rec.get("recipe"),
-                                        scores=dict(rec.get("scores") or {}), heldout=rec.get("heldout"),
-                                        heldout_items=rec.get("heldout_items")))
+    references: list[ReferenceRecord] = []
+    for lineno, raw in read_jsonl(log_path):
+        rec = parse_record(raw, lineno, log_path)
+        if isinstance(rec, EvaluationRecord):
+            evaluations.append(rec)
+        elif isinstance(rec, HeldoutRecord) and rec.ok:
+            heldout[rec.id] = dict(rec.scores)
+            if rec.items is not None:
+                heldout_items[rec.id] = rec.items
+        elif isinstance(rec, ReferenceRecord):
+            references.append(rec)
     # front/<id>/scores.json may hold heldout scores the log does not (written by rescoring).
     for sc in sorted(path.glob("front/*/scores.json")):
         try:
@@ -234,8 +198,5 @@ def load_run(run_dir: str | Path) -> RunView:
         arch = log_archive(view)
         view.front = arch.front()
         if len(arch):
-            ref = arch.reference_point()
-            view.front_hypervolume = hypervolume_max(
-                [[o.sign * sc[o.name] for o in objectives] for sc in arch.members().values()],
-                [o.sign * ref[o.name] for o in objectives])
+            view.front_hypervolume = arch.hypervolume()
     return view

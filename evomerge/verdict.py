@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 
 from evomerge.errors import RunDirError
 from evomerge.paired import PairedDifference, paired_difference
+from evomerge.pareto import knee
 from evomerge.runview import RunView
 
 Rule = Literal["mean", "knee"]
@@ -36,9 +37,7 @@ def choose_on_selection(view: RunView, rule: Rule = "mean") -> str:
     if not front:
         raise RunDirError(f"{view.path}: the Pareto front is empty; the search has not finished any candidate")
     if rule == "knee":
-        from evomerge.export import knee_member
-
-        return knee_member({e.id: e.scores for e in front}, view.objectives)
+        return knee({e.id: e.scores for e in front}, view.directions)
     if rule != "mean":
         raise ValueError(f"rule must be 'mean' or 'knee', got {rule!r}")
     return max(front, key=lambda e: (selection_mean(e.scores, view), -e.index)).id
@@ -48,7 +47,7 @@ def choose_on_selection(view: RunView, rule: Rule = "mean") -> str:
 class Comparison:
     """The chosen member against one baseline on the held-out items."""
 
-    baseline: str  # reference label: "uniform", "source:<ref>", "base"
+    baseline: str  # reference label (``evomerge.records``): "uniform", "source:<ref>", "base"
     heldout: dict[str, float]  # the baseline's held-out score per objective
     difference: PairedDifference  # member minus baseline, mean over objectives
 

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evomerge.merge.materialise import InPlaceMerger
     from evomerge.merge.mergekit_yaml import to_mergekit_yaml
-    from evomerge.sources import load_model_set
+    from evomerge.merge.sources import load_model_set
 
     dtype = args.dtype or ("bfloat16" if args.shape == "7b" else "float32")
     device = torch.device(args.device)

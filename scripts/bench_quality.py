@@ -97,16 +97,17 @@ def main(argv: list[str]) -> int:
     run_search(mke_cfg, ["--run-dir", str(mke_dir)], env)
     search_s = time.monotonic() - t0
 
-    from evomerge.archive import hypervolume_max
     from evomerge.config import load_config
     from evomerge.paired import mean_interval, paired_difference
+    from evomerge.pareto import MAXIMIZE, hypervolume
+    from evomerge.records import UNIFORM, Status, is_source_label
     from evomerge.runview import load_run
     from evomerge.verdict import choose_on_selection, selection_mean
 
     evo, mke = load_run(evo_dir), load_run(mke_dir)
     names = evo.objective_names
     cfg = load_config(DEMO, [f"optimizer.seed={args.seed}"])
-    from evomerge.actors import CandidateEvaluator
+    from evomerge.search.actor import CandidateEvaluator
 
     scorer = CandidateEvaluator(cfg.model_dump(mode="json"), 0, "cpu", str(ROOT))
     cache: dict[str, dict[str, list[float]]] = {}
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
     def heldout_items(key: str, recipe: dict[str, Any]) -> dict[str, list[float]]:
         if key not in cache:
             res = scorer.evaluate(key, recipe, "heldout")
-            if res["status"] != "ok" or not res.get("items"):
+            if res["status"] != Status.OK or not res.get("items"):
                 raise SystemExit(f"bench_quality: held-out scoring of {key} failed: {res.get('error')}")
             cache[key] = res["items"]
         return cache[key]
@@ -127,20 +128,20 @@ def main(argv: list[str]) -> int:
         f"mergekit-evolve-style, {args.mke_method} ({mke_id})": heldout_items(f"mke:{mke_id}", mke.get(mke_id).recipe),
     }
     refs = {r.label: r for r in evo.references}
-    rows["uniform average"] = heldout_items("ref:uniform", refs["uniform"].recipe)
-    sources = [r for r in evo.references if r.label.startswith("source:")]
+    rows["uniform average"] = heldout_items(f"ref:{UNIFORM}", refs[UNIFORM].recipe)
+    sources = [r for r in evo.references if is_source_label(r.label)]
     best_src = max(sources, key=lambda r: selection_mean(r.scores, evo))
     rows[f"best specialist ({best_src.short_label}, on selection)"] = heldout_items(f"ref:{best_src.label}",
                                                                                     best_src.recipe)
 
-    # Held-out hypervolume of each final front (reference point: 0 on every skill).
+    # Held-out hypervolume of each final front (held-out means, larger is better; reference point: 0 on every skill).
     def front_hv(view, prefix: str) -> tuple[float, int]:
         pts = []
         for e in view.front_evaluations():
             # a run that re-scored its front logged each member's held-out items (same evaluator code)
             items = view.heldout_items.get(e.id) or heldout_items(f"{prefix}:{e.id}", e.recipe)
-            pts.append([sum(items[n]) / len(items[n]) for n in names])
-        return hypervolume_max(pts, [0.0] * len(names)), len(pts)
+            pts.append({n: sum(items[n]) / len(items[n]) for n in names})
+        return hypervolume(pts, {n: MAXIMIZE for n in names}, {n: 0.0 for n in names}), len(pts)
 
     hv = {f"evomerge ({evo_id})": front_hv(evo, "evo"),
           f"mergekit-evolve-style, {args.mke_method} ({mke_id})": front_hv(mke, "mke")}

@@ -28,11 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from evomerge.fileio import read_jsonl  # noqa: E402
+from evomerge.records import Kind  # noqa: E402
 
 
 def measure(run_dir: Path, actors: int) -> dict[str, float]:
-    recs = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in recs if r.get("kind") == "evaluation"]
+    recs = [r for _, r in read_jsonl(run_dir / "evaluations.jsonl")]
+    evals = [r for r in recs if r.get("kind") == Kind.EVALUATION]
     real = [r for r in evals if not r.get("cached_from")]
     starts = [r["finished_at"] - r["timings"]["wall_s"] for r in real]
     window = max(r["finished_at"] for r in real) - min(starts)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluators.demo_skills import SPLIT_SIZES  # noqa: E402
-from evomerge.identity import sha256_file  # noqa: E402,F401 - also used by tests as build_demo_zoo.sha256_file
+from evomerge.fileio import sha256_file  # noqa: E402,F401 - also used by tests as build_demo_zoo.sha256_file
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 ZOO_VERSION = 5

@@ -25,14 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evomerge.errors import RunDirError  # noqa: E402
+from evomerge.records import UNIFORM, display_label, is_source_label, short_label  # noqa: E402
 from evomerge.runview import RunView, load_run  # noqa: E402
 from evomerge.verdict import Comparison, choose_on_selection, heldout_comparisons, selection_mean  # noqa: E402
 
 
 def claim(view: RunView, member: str, comparisons: list[Comparison]) -> tuple[bool, str]:
     """(holds, one line): the demo's claim about ``member`` against the uniform average and the sources."""
-    uniform = next((c for c in comparisons if c.baseline == "uniform"), None)
-    sources = [c for c in comparisons if c.baseline.startswith("source:")]
+    uniform = next((c for c in comparisons if c.baseline == UNIFORM), None)
+    sources = [c for c in comparisons if is_source_label(c.baseline)]
     if uniform is None or not sources:
         return False, "the run has no held-out per-item scores of the uniform average or the sources"
     if not uniform.difference.above_zero:
@@ -48,9 +49,7 @@ def claim(view: RunView, member: str, comparisons: list[Comparison]) -> tuple[bo
 
 
 def _label(ref: str) -> str:
-    if ref == "uniform":
-        return "uniform average"
-    return f"specialist {ref.split(':', 1)[1].rstrip('/').rsplit('/', 1)[-1]}" if ref.startswith("source:") else ref
+    return f"specialist {short_label(ref)}" if is_source_label(ref) else display_label(ref)
 
 
 def report(view: RunView, rule: str = "mean", out=print) -> bool:

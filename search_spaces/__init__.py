@@ -7,42 +7,30 @@ with one line before any Ray work starts.
 
 from __future__ import annotations
 
-import difflib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.registry import Registry
 from search_spaces.base import SearchSpace
 
 if TYPE_CHECKING:  # pragma: no cover
     from evomerge.config import SearchConfig
 
-#: space name -> class; a class is built as ``cls(cfg, model_set)``.
-SPACES: dict[str, type[SearchSpace]] = {}
-
-
-def register_space(name: str) -> Callable[[type[SearchSpace]], type[SearchSpace]]:
-    """Class decorator adding a space to the registry under ``name``."""
-
-    def deco(cls: type[SearchSpace]) -> type[SearchSpace]:
-        cls.name = name
-        SPACES[name] = cls
-        return cls
-
-    return deco
+#: space name (``space.name``) -> ``"module:Class"``, imported on first use: this package never
+#: imports a space to learn its name, so spaces import ``search_spaces.base`` without a circle.
+#: A config may name its own space as ``"package.module:Class"``; a class is built as
+#: ``cls(cfg, model_set)`` and may add checks in a ``check(cfg, model_set)`` classmethod.
+SPACES: Registry[type[SearchSpace]] = Registry("search space", {
+    "layerwise": "search_spaces.layerwise:LayerwiseSpace",
+}, error=ConfigError)
 
 
 def _space_class(name: str) -> type[SearchSpace]:
-    if name not in SPACES:
-        close = difflib.get_close_matches(name, list(SPACES), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConfigError(
-            f"config field space.name: unknown search space {name!r}; {hint}known spaces: {', '.join(sorted(SPACES))}"
-        )
-    return SPACES[name]
+    return SPACES.get(name, where="space.name")
 
 
-def get_space(cfg: "SearchConfig", model_set: Any) -> SearchSpace:
-    """Build the configured search space for ``model_set`` (checks it first)."""
+def build_space(cfg: "SearchConfig", model_set: Any) -> SearchSpace:
+    """Check, then build, the configured search space for ``model_set`` (the one place a space is made)."""
     check_space(cfg, model_set)
     return _space_class(cfg.space.name)(cfg, model_set)
 
@@ -50,12 +38,19 @@ def get_space(cfg: "SearchConfig", model_set: Any) -> SearchSpace:
 def check_space(cfg: "SearchConfig", model_set: Any) -> None:
     """One-line ConfigError if the space cannot be built for these models.
 
-    Checks: the space name is known; ``layer_group_size`` divides the layer count;
-    bounds are ordered; every method in ``merge.methods`` can be used with these
-    sources (e.g. slerp needs a base and exactly one source). Space classes may add
-    their own checks in a ``check(cfg, model_set)`` classmethod.
+    Checks: the space name is known; every method in ``merge.methods`` can be used with
+    these sources (e.g. slerp needs a base and exactly one source); ``layer_group_size``
+    divides the layer count; ``space.init`` reads. (Bounds are the config's to check.)
+    Space classes may add their own checks in a ``check(cfg, model_set)`` classmethod.
     """
+    from evomerge.merge.methods import check_methods_usable
+
     cls = _space_class(cfg.space.name)
+    try:
+        check_methods_usable(cfg.merge.methods, n_sources=len(model_set.sources),
+                             has_base=model_set.base is not None, where="merge.methods")
+    except EvomergeError as err:  # a MethodError: in a config, a config error
+        raise ConfigError(str(err)) from None
     n_layers = int(model_set.num_layers)
     k = cfg.space.layer_group_size
     if n_layers % k != 0:
@@ -64,22 +59,6 @@ def check_space(cfg: "SearchConfig", model_set: Any) -> None:
             f"config field space.layer_group_size: {k} does not divide the model's {n_layers} layers; "
             f"use one of {', '.join(map(str, divisors))}"
         )
-    for key, (lo, hi) in cfg.space.bounds.items():
-        if lo > hi:
-            raise ConfigError(f"config field space.bounds.{key}: lower bound {lo} > upper bound {hi}; swap them")
-    from evomerge.merge.methods import check_methods_usable
-
-    try:
-        check_methods_usable(
-            cfg.merge.methods,
-            n_sources=len(model_set.sources),
-            has_base=model_set.base is not None,
-            where="merge.methods",
-        )
-    except ConfigError:
-        raise
-    except EvomergeError as err:
-        raise ConfigError(str(err)) from None
     init = cfg.space.init
     if init not in (None, "uniform"):  # read now, not when the optimizer starts after Ray is up
         from evomerge.merge.materialise import load_recipe_file
@@ -93,8 +72,4 @@ def check_space(cfg: "SearchConfig", model_set: Any) -> None:
         check(cfg, model_set)
 
 
-# register the built-in spaces
-from search_spaces import layerwise as _layerwise  # noqa: E402,F401
-from search_spaces.optimizers import make_optimizer, optimizer_name  # noqa: E402,F401
-
-__all__ = ["SPACES", "SearchSpace", "check_space", "get_space", "make_optimizer", "optimizer_name", "register_space"]
+__all__ = ["SPACES", "SearchSpace", "build_space", "check_space"]

@@ -40,6 +40,10 @@ class SearchSpace(ABC):
     def initial_value(self) -> Any:
         """Where the optimizer starts (the uniform merge, or the user's ``space.init`` recipe)."""
 
+    def describe(self) -> str:
+        """One line for the driver log: the genome's shape (spaces override it with their genes)."""
+        return self.name
+
     # -- JSON for the evaluation log ------------------------------------------------
     def value_to_json(self, value: Any) -> Any:
         """A JSON-serialisable copy of a value (arrays -> lists, tuples -> lists)."""

@@ -46,9 +46,8 @@ import numpy as np
 
 from evomerge.config import SEARCHABLE_PARAMS
 from evomerge.errors import ConfigError, RecipeError
-from evomerge.merge.groups import TensorGroup
+from evomerge.merge.groups import PARTS, TensorGroup
 from evomerge.merge.recipe import GroupRecipe, MergeRecipe
-from search_spaces import register_space
 from search_spaces.base import SearchSpace
 
 #: bounds used for parameters that ``space.bounds`` does not name.
@@ -62,10 +61,8 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
 }
 #: method-level parameters a space may search; ``lambda`` only when bounds name it.
 METHOD_LEVEL = ("t", "lambda")
-PARTS = ("attn", "mlp", "norm")
 _MIN_DENSITY = 1e-6
 _EPS_MARGIN = 1e-6
-_OPTIONS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ def build_units(model_set: Any, group_size: int, split: list[str], per_group: bo
         layer_parts = {g.part for g in groups.values() if g.kind == "layer"}
     else:  # a model set that does not list its tensors: assume the usual decoder
         kinds = {"embed", "final_norm", "lm_head"}
-        layer_parts = {"attn", "mlp", "norm"} if set(split) >= set(PARTS) else {"attn", "mlp", "norm", None}
+        layer_parts = set(PARTS) if set(split) >= set(PARTS) else {*PARTS, None}
     parts = [p for p in PARTS if p in split and p in layer_parts]
     rest = any(p not in parts for p in layer_parts)
     units: list[Unit] = []
@@ -117,15 +114,10 @@ def build_units(model_set: Any, group_size: int, split: list[str], per_group: bo
     return units, (slot if per_group else 1)
 
 
-@register_space("layerwise")
 class LayerwiseSpace(SearchSpace):
     """Per layer group x tensor kind x source coefficients, plus a method choice."""
 
-    @classmethod
-    def check(cls, cfg: Any, model_set: Any) -> None:
-        unknown = sorted(set(cfg.space.options) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"config field space.options.{unknown[0]}: the layerwise space has no such option; remove it")
+    name = "layerwise"
 
     def __init__(self, cfg: Any, model_set: Any) -> None:
         from evomerge.merge.methods import get_method

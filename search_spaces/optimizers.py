@@ -1,4 +1,4 @@
-"""Picking and (de)serialising the nevergrad optimizer.
+"""Picking and seeding the nevergrad optimizer.
 
 Any name in ``ng.optimizers.registry`` works. Without a name, CMA-ES drives a single
 objective (it adapts step sizes per gene, the strongest default for continuous genomes)
@@ -6,22 +6,21 @@ and differential evolution several (nevergrad's multi-objective mode works with 
 optimizer, and DE's population spreads along the front better than CMA's single mean).
 
 Reproducibility: the optimizer draws every random number from
-``parametrization.random_state``, which is seeded from ``optimizer.seed``; a pickled
-optimizer (``optimizer_to_bytes``) carries that state, so a resumed run asks exactly
-what the uninterrupted run would have asked.
+``parametrization.random_state``, which is seeded from ``optimizer.seed``; so a fresh
+optimizer fed the logged asks and tells (``search.searchbook.SearchBook.replay``) asks
+exactly what the uninterrupted run would have asked. Nothing is pickled: the log is the state.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import pickle
 from typing import Any
 
 import nevergrad as ng
 import numpy as np
 
-from evomerge.errors import ConfigError, RunDirError
+from evomerge.errors import ConfigError
 
 
 def optimizer_name(cfg: Any) -> str:
@@ -71,19 +70,3 @@ def make_optimizer(cfg: Any, parametrization: ng.p.Parameter, *, budget: int | N
         factory = _with_popsize(name, factory, cfg.optimizer.popsize)
     parametrization.random_state = np.random.RandomState(cfg.optimizer.seed)
     return factory(parametrization=parametrization, budget=budget, num_workers=max(1, int(num_workers)))
-
-
-def optimizer_to_bytes(optimizer: Any) -> bytes:
-    """Pickle an optimizer (with its random state and pending asks) for ``RunDir.save_state``."""
-    return pickle.dumps(optimizer, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def optimizer_from_bytes(data: bytes) -> Any:
-    """Inverse of ``optimizer_to_bytes``; RunDirError if the bytes are not an optimizer."""
-    try:
-        opt = pickle.loads(data)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt state file
-        raise RunDirError(f"optimizer state is unreadable ({type(err).__name__}); resume rebuilds it from evaluations.jsonl") from None
-    if not isinstance(opt, ng.optimizers.base.Optimizer):
-        raise RunDirError(f"optimizer state holds a {type(opt).__name__}, not a nevergrad optimizer")
-    return opt

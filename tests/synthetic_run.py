@@ -60,16 +60,16 @@ def write_run(root: Path, *, recipes: dict[str, dict[str, Any]] | None = None, b
     lines = []
     for k, (eid, sc) in enumerate(SCORES.items()):
         recipe = (recipes or {}).get(eid) or default_recipe(base, sources)
-        rec: dict[str, Any] = {"kind": "evaluation", "id": eid, "index": k, "recipe": recipe, "value": [k],
+        rec: dict[str, Any] = {"kind": "evaluation", "id": eid, "index": k, "asked": k + 1, "recipe": recipe, "value": [k],
                                "actor": 0, "asked_at": t0 + 60 * k, "finished_at": t0 + 60 * k + 50,
                                "timings": {"merge_s": 1.0, "eval_s": 40.0, "wall_s": 50.0}}
         if sc is None:
-            rec.update(scores={}, status="failed", error="actor died")
+            rec.update(scores={}, losses=[], status="failed", error="actor died")
         else:
             scores = {"add": sc[0], "ppl": sc[1]}
             if three:
                 scores["rev"] = REV[eid]
-            rec.update(scores=scores, status="ok", error=None)
+            rec.update(scores=scores, losses=[-sc[0], sc[1]], status="ok", error=None)
         lines.append(rec)
     # heldout re-scoring of two front members
     lines.append({"kind": "heldout", "id": "e000001", "scores": {"add": 0.45, "ppl": 4.2, "rev": 0.55},

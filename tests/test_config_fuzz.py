@@ -13,7 +13,7 @@ broken YAML. The properties:
 - ``evomerge search CONFIG --set ...`` on a YAML file (``run_search`` replaced by a no-op)
   returns 0 or 2, and on 2 writes exactly one line to stderr.
 
-Ray must never start: ``ray.init`` and ``driver.init_ray`` raise if called.
+Ray must never start: ``ray.init`` and ``search.ray_cluster.init_ray`` raise if called.
 
 Runs are derandomized (the same examples every run, so CI is reproducible), with no
 deadline. ``MAX_EXAMPLES`` = 2000 per property: the whole file took 24 s (26 s wall with
@@ -37,7 +37,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import evomerge.driver as driver
+import evomerge.cli.search_commands as commands
+import evomerge.search.ray_cluster as ray_cluster
 from evomerge.cli import main
 from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
@@ -162,7 +163,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("Ray was started while checking a config")
 
     monkeypatch.setattr(ray, "init", fail)
-    monkeypatch.setattr(driver, "init_ray", fail)
+    monkeypatch.setattr(ray_cluster, "init_ray", fail)
 
 
 def _check_parse(data: dict[str, Any], overrides: list[str]) -> None:
@@ -194,7 +195,7 @@ def test_parse_config_returns_a_config_or_one_line(no_ray: None, ops: list[tuple
 def test_search_cli_exits_0_or_2_with_one_line(no_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str], ops: list[tuple[Any, ...]],
                                                overrides: list[str]) -> None:
-    monkeypatch.setattr(driver, "run_search", lambda *a, **k: 0)
+    monkeypatch.setattr(commands, "run_search", lambda *a, **k: 0)
     monkeypatch.chdir(tmp_path)  # a relative run_dir an override makes lands here, not in the repo
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(_mutate(BASE_CFG, ops), allow_unicode=True), encoding="utf-8")
@@ -223,7 +224,7 @@ BAD_YAML_SCALARS = ["2020-13-45", "2001-02-30", "!!int abc", "!!float x", "1" * 
 def test_yaml_whose_constructor_fails_is_one_line(where: str, value: str, tmp_path: Path, no_ray: None,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(driver, "run_search", lambda *a, **k: 0)
+    monkeypatch.setattr(commands, "run_search", lambda *a, **k: 0)
     path = tmp_path / "cfg.yaml"
     text = yaml.safe_dump(BASE_CFG)
     if where == "file":

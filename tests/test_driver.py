@@ -17,7 +17,8 @@ import random
 import numpy as np
 import pytest
 
-from evomerge.searchbook import SearchBook, penalty_losses, to_losses
+from evomerge.records import EvaluationRecord, Status
+from evomerge.search.searchbook import SearchBook, penalty_losses, to_losses
 from search_fixtures import canon, records, search_config, write_config
 
 # -- pure bookkeeping ------------------------------------------------------------------
@@ -70,8 +71,8 @@ def test_replay_rebuilds_the_exact_optimizer(name, n_obj, workers):
         done = inflight.pop(rng.randrange(len(inflight)))
         ok = rng.random() > 0.2
         losses = book.losses_for(dict(zip("ab", _objective(done.recipe, n_obj))) if ok else None, ok)
-        log.append({"kind": "evaluation", "index": done.index, "asked": book.n_asked, "recipe": done.recipe,
-                    "value": done.value, "losses": losses, "status": "ok" if ok else "failed"})
+        log.append(EvaluationRecord(id=done.id, index=done.index, asked=book.n_asked, recipe=done.recipe,
+                                    value=done.value, losses=losses, status=Status.OK if ok else Status.FAILED))
         book.tell(done.index, losses, ok)
     crashed_pending = sorted(a.index for a in inflight)
     next_recipes = [canon(book.ask().recipe) for _ in range(4)]
@@ -150,7 +151,7 @@ def test_bad_config_is_one_line_before_ray(case, fragment, tiny_models, tmp_path
 # -- searches on Ray ----------------------------------------------------------------------
 
 def _search(path, **kw) -> int:
-    from evomerge.driver import search_command
+    from evomerge.cli.search_commands import search_command
 
     args = argparse.Namespace(config=str(path), run_dir=None, address=None, overrides=[], overwrite=False,
                               no_progress=True, **kw)

@@ -141,7 +141,7 @@ def _in_memory_merge(recipe: MergeRecipe, base_ref: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.materialise import InPlaceMerger
-    from evomerge.sources import load_model_set
+    from evomerge.merge.sources import load_model_set
 
     model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
     ms = load_model_set(recipe.base, recipe.sources)

@@ -67,7 +67,7 @@ def exported(tmp_path_factory):
     import torch
 
     from evomerge.cli import main
-    from evomerge.driver import search_command
+    from evomerge.cli.search_commands import search_command
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("e2e")

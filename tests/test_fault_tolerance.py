@@ -30,7 +30,7 @@ BUDGET = 14
 
 @pytest.mark.slow
 def test_dead_and_hung_actors(ray_session, tiny_models, tmp_path, monkeypatch):
-    from evomerge.driver import search_command
+    from evomerge.cli.search_commands import search_command
 
     run_dir, announce = tmp_path / "run", tmp_path / "announce"
     announce.mkdir()

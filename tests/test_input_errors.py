@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-import evomerge.driver as driver
+import evomerge.cli.search_commands as commands
+import evomerge.search.ray_cluster as ray_cluster
 from evomerge.cli import main
 from evomerge.config import load_config, parse_config
 from evomerge.errors import ConfigError, RunDirError
@@ -43,7 +44,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> bool:
         raise AssertionError("Ray was started for a bad input")
 
-    monkeypatch.setattr(driver, "init_ray", fail)
+    monkeypatch.setattr(ray_cluster, "init_ray", fail)
 
 
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -225,7 +226,7 @@ def test_config_file_not_utf8(tmp_path: Path, no_ray: None, capsys: pytest.Captu
 def test_config_file_with_a_utf8_bom_loads(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump({**BASE_CFG, "name": "bom"}).encode())
-    assert load_config(path, check_resources=False).name == "bom"
+    assert load_config(path).name == "bom"
 
 
 def test_run_dir_config_not_utf8(tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]) -> None:

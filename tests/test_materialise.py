@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from evomerge.cli import main
 from evomerge.errors import MethodError
 from evomerge.merge.recipe import GroupRecipe, MergeRecipe
-from evomerge.sources import load_model_set
+from evomerge.merge.sources import load_model_set
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_fused_hot_path_equals_export_bit_for_bit(tiny_models, merged, tmp_path)
 def test_hub_ids_resolve_at_the_configured_revision(tiny_models, tmp_path, monkeypatch):
     """Models named by hub id are fetched at ``revision`` (the search config's models.revision)
     when merging to a folder, as the search merged them - not at the hub's default branch."""
-    from evomerge import sources
+    from evomerge.merge import sources
     from evomerge.merge.materialise import merge_to_folder
 
     local = {"org/base": tiny_models.base_ref, **{f"org/s{i}": s for i, s in enumerate(tiny_models.source_refs)}}

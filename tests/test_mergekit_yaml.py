@@ -16,13 +16,10 @@ import yaml
 
 from evomerge.errors import RecipeError
 from evomerge.merge.groups import LAYOUTS_BY_MODEL_TYPE, classify
-from evomerge.merge.mergekit_yaml import (
-    MERGEKIT_METHODS,
-    from_mergekit_yaml,
-    group_keys,
-    resolved_group,
-    to_mergekit_yaml,
-)
+from evomerge.merge.groups import leaf_keys as group_keys
+from evomerge.merge.mergekit_import import from_mergekit_yaml
+from evomerge.merge.mergekit_spec import MERGEKIT_METHODS, resolved_group
+from evomerge.merge.mergekit_yaml import to_mergekit_yaml
 from evomerge.merge.recipe import MergeRecipe
 
 N_LAYERS = 4

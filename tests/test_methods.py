@@ -78,7 +78,7 @@ def test_ties_trim_keeps_exact_count_under_ties():
 
 
 def test_rank_window_breaks_ties_by_index():
-    from evomerge.merge.methods import _rank_window
+    from evomerge.merge.ranking import rank_window as _rank_window
 
     mag = T([2.0, 1.0, 2.0, 2.0, 3.0, 1.0])
     # ascending, equal values in index order: i1, i5, i0, i2, i3, i4 -> ranks 2,0,3,4,5,1
@@ -86,7 +86,7 @@ def test_rank_window_breaks_ties_by_index():
     assert _rank_window(mag, 3, 6).tolist() == [False, False, True, True, True, False]
     assert _rank_window(mag, 0, 6).all() and not _rank_window(mag, 2, 2).any()
     # the same windows from a presorted order, and from edges that straddle runs of equal values
-    from evomerge.merge.methods import magnitude_order
+    from evomerge.merge.ranking import magnitude_order
 
     order = magnitude_order(mag)
     assert order.tolist() == [1, 5, 0, 2, 3, 4]
@@ -99,7 +99,7 @@ def test_rank_window_breaks_ties_by_index():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_magnitude_order_is_a_stable_argsort_of_abs(dtype):
-    from evomerge.merge.methods import magnitude_order
+    from evomerge.merge.ranking import magnitude_order
 
     x = (torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 4).round() / 4  # many ties
     x[::7] = -0.0

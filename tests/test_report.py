@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
+from evomerge.errors import RunDirError
 from evomerge.report import build_figure, draw_report, progress, summary
 from evomerge.runview import load_run
 from synthetic_run import FRONT, write_run
@@ -54,8 +55,9 @@ def test_summary_numbers(run2: Path) -> None:
 def test_rate_ignores_the_time_a_run_was_stopped(run2: Path) -> None:
     # resumed 10 hours later: one more evaluation of 50 s; the night does not count
     with (run2 / "evaluations.jsonl").open("a") as fh:
-        fh.write(json.dumps({"kind": "evaluation", "id": "e000007", "index": 7, "recipe": None, "status": "failed",
-                             "scores": {}, "asked_at": 1_036_000.0, "finished_at": 1_036_050.0}) + "\n")
+        fh.write(json.dumps({"kind": "evaluation", "id": "e000007", "index": 7, "asked": 8, "recipe": None,
+                             "status": "failed", "losses": [], "scores": {}, "asked_at": 1_036_000.0,
+                             "finished_at": 1_036_050.0}) + "\n")
     assert summary(load_run(run2))["per_hour"] == pytest.approx(8 / (460 / 3600))
 
 
@@ -69,8 +71,8 @@ def test_front_recomputed_when_front_json_missing(tmp_path: Path) -> None:
 def test_front_recomputed_when_log_is_ahead_of_front_json(run2: Path) -> None:
     # e000007 dominates e000001 and e000003 after the last checkpoint wrote front.json
     with (run2 / "evaluations.jsonl").open("a") as fh:
-        fh.write(json.dumps({"kind": "evaluation", "id": "e000007", "index": 7, "recipe": None, "status": "ok",
-                             "scores": {"add": 0.6, "ppl": 2.9}}) + "\n")
+        fh.write(json.dumps({"kind": "evaluation", "id": "e000007", "index": 7, "asked": 8, "recipe": None,
+                             "status": "ok", "losses": [-0.6, 2.9], "scores": {"add": 0.6, "ppl": 2.9}}) + "\n")
     assert sorted(load_run(run2).front) == ["e000002", "e000006", "e000007"]
 
 
@@ -80,6 +82,21 @@ def test_torn_last_line_is_skipped(run2: Path) -> None:
     view = load_run(run2)
     assert len(view.evaluations) == 7
     assert view.heldout["e000001"]["add"] == 0.45
+
+
+def test_corrupt_middle_line_is_one_line_error(run2: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # garbage followed by good records is corruption, not a torn write: refused by status/plot/export
+    # alike (fileio.read_jsonl, the rule resume uses), never silently skipped
+    log = run2 / "evaluations.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:3]) + '{"kind": "evaluation", "id": "e0000\n' + "".join(lines[3:]))
+    with pytest.raises(RunDirError, match="line 4 is corrupt") as err:
+        load_run(run2)
+    assert "\n" not in str(err.value)
+    for cmd in ("status", "plot"):
+        assert main([cmd, str(run2)]) == 2
+        out = capsys.readouterr().err.strip()
+        assert "\n" not in out and "line 4 is corrupt" in out
 
 
 def test_scatter_figure_axes_and_legend(run2: Path) -> None:
@@ -143,16 +160,16 @@ def test_status_command_table_and_progress(run2: Path, capsys: pytest.CaptureFix
     assert "evaluations: 7 / 20   failed: 1   front: 4   hypervolume: 1" in " ".join(out.split("\n"))
 
 
-def test_status_rescore_calls_driver(run2: Path, monkeypatch: pytest.MonkeyPatch,
+def test_status_rescore_calls_the_search_layer(run2: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     calls = []
 
-    def rescore_front(run_dir, address):  # the driver appends heldout records
+    def rescore_front(run_dir, address, on_done=None):  # the search layer appends heldout records
         calls.append((Path(run_dir), address))
         with (Path(run_dir) / "evaluations.jsonl").open("a") as fh:
             fh.write(json.dumps({"kind": "heldout", "id": "e000006", "scores": {"add": 0.0777, "ppl": 2.6}}) + "\n")
 
-    monkeypatch.setitem(sys.modules, "evomerge.driver", types.SimpleNamespace(rescore_front=rescore_front))
+    monkeypatch.setitem(sys.modules, "evomerge.search.session", types.SimpleNamespace(rescore_front=rescore_front))
     assert main(["status", str(run2), "--rescore", "--address", "auto"]) == 0
     assert calls == [(run2, "auto")]
     assert "0.0777" in capsys.readouterr().out
@@ -165,9 +182,10 @@ def test_status_of_missing_run_dir_is_one_line(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_reads_what_the_real_run_writers_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """rundir.RunDir + archive.ParetoArchive (the driver's writers) -> status/plot agree with them."""
-    from evomerge.archive import ParetoArchive
+    """rundir.RunDir + pareto.ParetoArchive (the driver's writers) -> status/plot agree with them."""
     from evomerge.config import parse_config
+    from evomerge.pareto import ParetoArchive
+    from evomerge.records import EvaluationRecord, HeldoutRecord, Status
     from evomerge.rundir import RunDir
     from synthetic_run import SCORES
 
@@ -179,31 +197,33 @@ def test_reads_what_the_real_run_writers_write(tmp_path: Path, capsys: pytest.Ca
     run = RunDir(tmp_path / "real")
     assert run.create(cfg)
     arch = ParetoArchive({"add": "maximize", "ppl": "minimize"})
+    recipes = {}
     for k, (eid, sc) in enumerate(SCORES.items()):
         ok = sc is not None
         scores = {"add": sc[0], "ppl": sc[1]} if ok else {}
-        run.append_evaluation({"kind": "evaluation", "id": eid, "index": k, "recipe": {"sources": ["s1"]},
-                               "scores": scores, "status": "ok" if ok else "failed", "asked_at": 10.0 * k,
-                               "finished_at": 10.0 * k + 5})
+        recipes[eid] = {"sources": ["s1"]}
+        run.append(EvaluationRecord(id=eid, index=k, asked=k + 1, recipe=recipes[eid],
+                                    status=Status.OK if ok else Status.FAILED, scores=scores,
+                                    losses=[-sc[0], sc[1]] if ok else [], asked_at=10.0 * k,
+                                    finished_at=10.0 * k + 5))
         if ok:
             arch.add(eid, scores)
-    run.append_evaluation({"kind": "heldout", "id": "e000003", "scores": {"add": 0.25, "ppl": 3.3}, "status": "ok"})
-    run.append_evaluation({"kind": "heldout", "id": "e000006", "scores": {}, "status": "failed", "error": "x"})
-    run.write_front(arch, run.read_records())
+    run.append(HeldoutRecord(id="e000003", status=Status.OK, scores={"add": 0.25, "ppl": 3.3}))
+    run.append(HeldoutRecord(id="e000006", status=Status.FAILED, error="x"))
+    run.write_front(arch, recipes, {"e000003": {"add": 0.25, "ppl": 3.3}}, evaluations=len(SCORES))
     view = load_run(run.path)
     assert view.front == arch.front() and sorted(view.front) == sorted(FRONT)
     assert view.heldout == {"e000003": {"add": 0.25, "ppl": 3.3}}  # the failed rescoring is not a score
     assert summary(view)["hypervolume"] == pytest.approx(arch.hypervolume())
     assert progress(view).hypervolume[-1] == pytest.approx(json.loads(run.front_json_path.read_text())["hypervolume"])
     assert main(["status", str(run.path)]) == 0 and "e000003" in capsys.readouterr().out
-    assert draw_report(run.path) == run.report_path
+    assert draw_report(run.path) == run.path / "report.png"
 
 
 def test_hypervolume_by_hand_and_against_the_archive() -> None:
     import random
 
-    from evomerge.archive import hypervolume_min
-    from evomerge.runview import hypervolume_max
+    from evomerge.pareto import MINIMIZE, hypervolume, hypervolume_max
 
     assert hypervolume_max([[1, 1, 1]], [0, 0, 0]) == 1.0
     assert hypervolume_max([[2, 1, 1], [1, 2, 1]], [0, 0, 0]) == 3.0  # 2 + 2 - overlap 1
@@ -213,7 +233,9 @@ def test_hypervolume_by_hand_and_against_the_archive() -> None:
     for d in (2, 3, 4):
         for _ in range(20):
             pts = [[rng.random() for _ in range(d)] for _ in range(rng.randint(1, 10))]
-            expected = hypervolume_min([[-v for v in p] for p in pts], [-0.1] * d)
+            names = [f"o{k}" for k in range(d)]  # the same front, minimised: the score-dict entry point
+            expected = hypervolume([{n: -v for n, v in zip(names, p)} for p in pts], {n: MINIMIZE for n in names},
+                                   {n: -0.1 for n in names})
             assert hypervolume_max(pts, [0.1] * d) == pytest.approx(expected, abs=1e-12)
 
 
@@ -227,8 +249,9 @@ def test_long_run_curve_is_thinned_but_monotone_and_exact_at_the_end(tmp_path: P
     with (run / "evaluations.jsonl").open("a") as fh:
         for i in range(7, 7 + 2 * CURVE_POINTS):
             a = rng.random()
-            fh.write(json.dumps({"kind": "evaluation", "id": f"e{i:06d}", "index": i, "recipe": None, "status": "ok",
-                                 "scores": {"add": a, "ppl": 2.0 + 5 * (1 - a) ** 2 + rng.random()}}) + "\n")
+            ppl = 2.0 + 5 * (1 - a) ** 2 + rng.random()
+            fh.write(json.dumps({"kind": "evaluation", "id": f"e{i:06d}", "index": i, "asked": i + 1, "recipe": None,
+                                 "status": "ok", "losses": [-a, ppl], "scores": {"add": a, "ppl": ppl}}) + "\n")
     view = load_run(run)
     p = progress(view)
     assert len(p.hypervolume) == 7 + 2 * CURVE_POINTS
@@ -255,3 +278,21 @@ def test_plot_out_problems_are_one_line(run2: Path, tmp_path: Path, capsys) -> N
         assert err.count("\n") == 1 and needle in err, err
     assert list((tmp_path / "d").iterdir()) == []
     ro.chmod(0o700)
+
+
+def test_directions_without_front_json_come_from_the_evaluators_not_from_names(tmp_path: Path) -> None:
+    """A run dir that crashed before its first front.json: directions as the search derives them."""
+    import yaml
+
+    from evomerge.runview import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = {"name": "t", "models": {"sources": ["a", "b"]}, "budget": {"evaluations": 4},
+           "objectives": [{"name": "skill", "task": "demo_sort", "metric": "exact_match"},
+                          {"name": "loss", "evaluator": "perplexity", "files": ["x.txt"]},
+                          {"name": "perplexity", "task": "demo_upper", "metric": "exact_match"}]}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    view = load_run(run)
+    # "perplexity" is only a name here: its metric, exact_match, is better high
+    assert view.directions == {"skill": "maximize", "loss": "minimize", "perplexity": "maximize"}

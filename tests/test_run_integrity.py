@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import RunDirError
-from evomerge.rundir import RunDir, validate_record
+from evomerge.fileio import append_jsonl
+from evomerge.records import validate_record
+from evomerge.rundir import RunDir
 from search_fixtures import search_config
 
 LOG = "evaluations.jsonl"
 
 
 def eval_record(i: int, status: str = "ok") -> dict:
-    """An evaluation record shaped like the driver's (evomerge/driver.py Search._finish)."""
+    """An evaluation record as the search writes it (``records.EvaluationRecord.to_json``)."""
     ok = status == "ok"
     return {"kind": "evaluation", "id": f"e{i:06d}", "index": i, "asked": i + 1,
             "recipe": {"base": "b", "sources": ["a"], "seed": i}, "value": [0.1 * i], "key": f"k{i}",
@@ -62,7 +64,8 @@ def test_a_record_missing_a_required_field_names_its_line(tmp_path: Path, kind: 
     ("index", True, "bool true, not an integer"),
     ("index", 7.0, "float 7.0, not an integer"),
     ("id", 17, "int 17, not a string"),
-    ("status", None, "NoneType null, not a string"),
+    ("status", None, 'NoneType null, not "ok" or "failed"'),
+    ("status", "done", 'str "done", not "ok" or "failed"'),
     ("recipe", [1, 2], "list [1, 2], not an object or null"),
     ("losses", [1.0, "x"], "list [1.0, \"x\"], not a list of numbers"),
 ])
@@ -111,12 +114,12 @@ def make_run(tiny_models, tmp_path: Path, recs: list[dict] | None = None, *, mar
     RunDir(run).create(parse_config(cfg))
     rd = RunDir(run)
     for r in recs if recs is not None else old_log():
-        rd.append_evaluation(r)
+        append_jsonl(rd.evaluations_path, r)
     counters = {"status": "interrupted", "evaluations": 3, "failed": 1, "asked": 3, "num_workers": 1,
                 "updated_at": T_CHECKPOINT}
     if mark:
         counters.update(rd.log_mark())
-    rd.save_state(b"optimizer", counters)
+    rd.save_counters(counters)
     (run / ".lock").write_bytes(b"")  # as a finished search leaves it
     return run
 
@@ -173,7 +176,7 @@ def test_the_mark_is_incremental_and_equals_a_full_recount(tmp_path: Path) -> No
     rd = RunDir(tmp_path)
     (tmp_path / LOG).write_bytes(b"")
     for k, rec in enumerate(recs):
-        rd.append_evaluation(rec)
+        append_jsonl(rd.evaluations_path, rec)
         if k % 2:
             assert rd.log_mark() == RunDir(tmp_path).log_mark()
     with open(tmp_path / LOG, "ab") as f:
@@ -215,13 +218,13 @@ def test_an_edited_earlier_record_is_refused(tiny_models, tmp_path: Path, capsys
 
 
 def test_a_longer_log_and_an_old_run_dir_pass(tiny_models, tmp_path: Path, capsys) -> None:
-    from evomerge.driver import RunFiles
+    from evomerge.search.session import preflight
 
     run = make_run(tiny_models, tmp_path)
-    RunDir(run).append_evaluation(eval_record(3))  # evaluated after the last checkpoint: normal
+    append_jsonl(RunDir(run).evaluations_path, eval_record(3))  # evaluated after the last checkpoint: normal
     with open(run / LOG, "ab") as f:
         f.write(b'{"kind": "evaluation", "id": "e0000')  # and a torn tail: a warning only
-    RunFiles(run).preflight()
+    preflight(RunDir(run))
     rc, out, err = cli(capsys, "status", str(run))
     assert rc == 0 and "evaluations: 4 / 10" in out, out + err
     # an old run dir: counters without log_records/log_bytes/log_sha256 are not checked
@@ -230,7 +233,7 @@ def test_a_longer_log_and_an_old_run_dir_pass(tiny_models, tmp_path: Path, capsy
     counters = json.loads((old / "state" / "counters.json").read_text())
     assert "log_records" not in counters
     (old / LOG).write_bytes(b"".join((old / LOG).read_bytes().splitlines(keepends=True)[:4]))
-    RunFiles(old).preflight()
+    preflight(RunDir(old))
     rc, out, err = cli(capsys, "status", str(old))
     assert rc == 0 and "evaluations: 3 / 10" in out, out + err
 
@@ -259,7 +262,7 @@ def identity_run(tiny_models, tmp_path: Path) -> Path:
     import shutil
 
     from evomerge.config import parse_config
-    from evomerge.identity import identity_record, write_identity
+    from evomerge.search.identity import identity_record, write_identity
 
     run = tmp_path / "run"
     model = tmp_path / "src1"
@@ -274,9 +277,8 @@ def identity_run(tiny_models, tmp_path: Path) -> Path:
     write_identity(run, identity_record(frozen))
     rd = RunDir(run)
     for r in old_log():
-        rd.append_evaluation(r)
-    rd.save_state(b"optimizer", {"status": "interrupted", "evaluations": 3, "updated_at": T_CHECKPOINT,
-                                 **rd.log_mark()})
+        append_jsonl(rd.evaluations_path, r)
+    rd.save_counters({"status": "interrupted", "evaluations": 3, "updated_at": T_CHECKPOINT, **rd.log_mark()})
     (run / ".lock").write_bytes(b"")
     return run
 
@@ -327,7 +329,7 @@ def test_operational_keys_may_change_and_budget_is_raised(tiny_models, tmp_path:
                                                           monkeypatch) -> None:
     import yaml
 
-    import evomerge.driver as driver
+    import evomerge.cli.search_commands as commands
 
     run = identity_run(tiny_models, tmp_path)
     identity = (run / "identity.json").read_bytes()
@@ -339,7 +341,7 @@ def test_operational_keys_may_change_and_budget_is_raised(tiny_models, tmp_path:
         d["merge"]["fused"] = False
     edit_config(run, ops)
     seen = []
-    monkeypatch.setattr(driver, "run_search", lambda cfg, run_dir, **kw: seen.append(cfg) or 0)
+    monkeypatch.setattr(commands, "run_search", lambda plan, run_dir, **kw: seen.append(plan.cfg) or 0)
     before = yaml.safe_load((run / "config.yaml").read_text())
     rc, _, err = cli(capsys, "resume", str(run), "--no-progress")
     assert (rc, err) == (0, "") and seen[-1].budget.evaluations == 10 and seen[-1].ray.actors == 2
@@ -361,11 +363,11 @@ def test_operational_keys_may_change_and_budget_is_raised(tiny_models, tmp_path:
 
 def test_an_old_run_dir_gets_its_identity_at_the_next_resume(tiny_models, tmp_path: Path, capsys, caplog,
                                                               monkeypatch) -> None:
-    import evomerge.driver as driver
+    import evomerge.cli.search_commands as commands
 
     run = identity_run(tiny_models, tmp_path)
     (run / "identity.json").unlink()  # as written by the previous evomerge
-    monkeypatch.setattr(driver, "run_search", lambda cfg, run_dir, **kw: 0)
+    monkeypatch.setattr(commands, "run_search", lambda plan, run_dir, **kw: 0)
     rc, _, err = cli(capsys, "resume", str(run), "--budget", "12", "--no-progress")
     assert (rc, err) == (0, "")
     assert "has no identity.json (written by an older evomerge)" in caplog.text

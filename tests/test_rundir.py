@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.archive import ParetoArchive
+from evomerge.pareto import ParetoArchive
 from evomerge.config import parse_config
 from evomerge.errors import RunDirError
-from evomerge.rundir import RunDir, atomic_write
+from evomerge.fileio import append_jsonl, atomic_write
+from evomerge.rundir import RunDir
 
 RAW = {
     "name": "t",
@@ -58,7 +59,7 @@ def test_append_and_torn_line_recovery(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     recs = [{"kind": "evaluation", "id": f"e{i:06d}", "index": i, "scores": {"add": i / 10}} for i in range(3)]
     for r in recs[:2]:
-        rd.append_evaluation(r)
+        append_jsonl(rd.evaluations_path, r)
     good_size = rd.evaluations_path.stat().st_size
     with open(rd.evaluations_path, "ab") as f:  # a crash in the middle of the third write
         f.write(json.dumps(recs[2]).encode()[:17])
@@ -68,7 +69,7 @@ def test_append_and_torn_line_recovery(tmp_path: Path) -> None:
     # appending after a crash truncates the torn tail itself
     with open(rd.evaluations_path, "ab") as f:
         f.write(b'{"kind": "evalu')
-    rd.append_evaluation(recs[2])
+    append_jsonl(rd.evaluations_path, recs[2])
     assert rd.read_records() == recs
     assert rd.read_records(kind="heldout") == []
     assert rd.evaluations_path.read_bytes().count(b"\n") == 3
@@ -76,11 +77,11 @@ def test_append_and_torn_line_recovery(tmp_path: Path) -> None:
 
 def test_complete_last_record_without_newline_is_kept(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    rd.append_evaluation({"kind": "evaluation", "id": "a"})
+    append_jsonl(rd.evaluations_path, {"kind": "evaluation", "id": "a"})
     with open(rd.evaluations_path, "ab") as f:
         f.write(b'{"kind": "heldout", "id": "a"}')
     assert [r["kind"] for r in rd.read_records()] == ["evaluation", "heldout"]
-    rd.append_evaluation({"kind": "evaluation", "id": "b"})
+    append_jsonl(rd.evaluations_path, {"kind": "evaluation", "id": "b"})
     assert [r["id"] for r in rd.read_records()] == ["a", "a", "b"]
 
 
@@ -100,7 +101,7 @@ def test_create_freezes_config_and_refuses_a_different_search(tmp_path: Path) ->
     assert RunDir(path).load_config() == cfg
     # same search (only run_dir differs): accepted, nothing rewritten
     assert RunDir(path).create(_cfg(**{"output.run_dir": "elsewhere"})) is False
-    RunDir(path).append_evaluation({"kind": "evaluation", "id": "e0"})
+    append_jsonl(RunDir(path).evaluations_path, {"kind": "evaluation", "id": "e0"})
     with pytest.raises(RunDirError) as err:
         RunDir(path).create(_cfg(**{"budget.evaluations": 20}))
     msg = str(err.value)
@@ -123,6 +124,13 @@ def _record(i: int, scores: dict[str, float]) -> dict:
     return {"kind": "evaluation", "id": f"e{i:06d}", "index": i, "recipe": recipe, "scores": scores, "status": "ok"}
 
 
+def _write_front(rd: RunDir, arch: ParetoArchive, records: list[dict]) -> None:
+    """``RunDir.write_front`` fed from log-shaped records, as the search feeds it from its typed ones."""
+    recipes = {r["id"]: r.get("recipe") for r in records if r.get("kind") == "evaluation"}
+    heldout = {r["id"]: r["scores"] for r in records if r.get("kind") == "heldout"}
+    rd.write_front(arch, recipes, heldout, evaluations=len(recipes))
+
+
 def test_write_front_maintains_member_dirs(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     arch = ParetoArchive({"add": "maximize", "ppl": "minimize"})
@@ -130,7 +138,7 @@ def test_write_front_maintains_member_dirs(tmp_path: Path) -> None:
     for r in records:
         arch.add(r["id"], r["scores"])
     records.append({"kind": "heldout", "id": "e000001", "scores": {"add": 0.4, "ppl": 9.5}})
-    rd.write_front(arch, records)
+    _write_front(rd, arch, records)
     front = json.loads(rd.front_json_path.read_text())
     assert front["members"] == ["e000000", "e000001"] and front["evaluations"] == 2
     assert front["objectives"] == [{"name": "add", "direction": "maximize"}, {"name": "ppl", "direction": "minimize"}]
@@ -146,7 +154,7 @@ def test_write_front_maintains_member_dirs(tmp_path: Path) -> None:
     # a new candidate dominates e000000: only its weights go; its recipe and scores stay, byte for byte
     new = _record(2, {"add": 0.3, "ppl": 4.0})
     assert arch.add(new["id"], new["scores"])
-    rd.write_front(arch, records + [new])
+    _write_front(rd, arch, records + [new])
     assert sorted(p.name for p in rd.front_dir.iterdir()) == ["e000000", "e000001", "e000002"]
     assert json.loads(rd.front_json_path.read_text())["members"] == ["e000001", "e000002"]
     assert sorted(p.name for p in rd.member_dir("e000000").iterdir()) == ["recipe.json", "scores.json"]
@@ -155,13 +163,18 @@ def test_write_front_maintains_member_dirs(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp files left
 
 
-def test_state_roundtrip_and_mismatch(tmp_path: Path) -> None:
+def test_counters_roundtrip_and_old_state(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    assert rd.load_state() == (None, {})
-    rd.save_state(b"\x00optimizer", {"asked": 12, "told": 10})
-    assert rd.load_state() == (b"\x00optimizer", {"asked": 12, "told": 10})
-    (rd.state_dir / "optimizer.pkl").write_bytes(b"other")  # e.g. crash between the two writes
-    assert rd.load_state() == (None, {"asked": 12, "told": 10})
+    assert rd.load_counters() == {}
+    rd.save_counters({"asked": 12, "told": 10})
+    assert rd.load_counters() == {"asked": 12, "told": 10}
+    assert sorted(p.name for p in rd.state_dir.iterdir()) == ["counters.json"]  # no optimizer dump any more
+    # a run dir of an older version: the optimizer dump and its hash are ignored, the counters read
+    (rd.state_dir / "optimizer.pkl").write_bytes(b"old")
+    (rd.state_dir / "counters.json").write_text(json.dumps({"asked": 3, "optimizer_sha256": "ab"}))
+    assert rd.load_counters() == {"asked": 3}
+    (rd.state_dir / "counters.json").write_text("{not json")
+    assert rd.load_counters() == {}
 
 
 def test_log_handler_writes_driver_log(tmp_path: Path) -> None:
@@ -184,7 +197,7 @@ def test_a_member_that_leaves_the_front_keeps_its_recipe_and_scores(tmp_path: Pa
     records = [_record(0, {"add": 0.2, "ppl": 5.0})]
     arch.add("e000000", records[0]["scores"])
     records.append({"kind": "heldout", "id": "e000000", "scores": {"add": 0.1, "ppl": 5.5}})
-    rd.write_front(arch, records)
+    _write_front(rd, arch, records)
     kept = {name: (rd.member_dir("e000000") / name).read_bytes() for name in ("recipe.json", "scores.json")}
     assert json.loads(kept["scores.json"]) == {"selection": {"add": 0.2, "ppl": 5.0}, "heldout": {"add": 0.1, "ppl": 5.5}}
     # e000001 dominates e000000, then e000002 dominates e000001: two leavers, three checkpoints
@@ -192,7 +205,7 @@ def test_a_member_that_leaves_the_front_keeps_its_recipe_and_scores(tmp_path: Pa
         rec = _record(i, scores)
         assert arch.add(rec["id"], scores)
         records.append(rec)
-        rd.write_front(arch, records)
+        _write_front(rd, arch, records)
     assert json.loads(rd.front_json_path.read_text())["members"] == ["e000002"]
     for name, data in kept.items():
         assert (rd.member_dir("e000000") / name).read_bytes() == data

@@ -30,17 +30,22 @@ from typing import Any, Iterator
 
 import pytest
 
-import evomerge.driver as driver
+import evomerge.cli.search_commands as commands
+import evomerge.search.loop as loop
+import evomerge.search.ray_cluster as ray_cluster
 from evomerge.cli import main
 from evomerge.config import parse_config
 from evomerge.errors import RunDirError
-from evomerge.rundir import LOCK, RunDir, RunLock, hold_run_lock
+from evomerge.fileio import append_jsonl
+from evomerge.records import EvaluationRecord, ReferenceRecord, Status
+from evomerge.rundir import RunDir
+from evomerge.runlock import LOCK, RunLock, hold_run_lock
 from search_fixtures import records, search_config, write_config
 from synthetic_run import FRONT, write_run
 
 HOLDER = """
 import sys
-from evomerge.rundir import RunLock
+from evomerge.runlock import RunLock
 with RunLock(sys.argv[1], "evomerge search"):
     print("held", flush=True)
     sys.stdin.read()  # hold until the test closes stdin (or kills this process)
@@ -120,7 +125,7 @@ def test_stale_lock_of_a_killed_holder_is_taken_over(tmp_path: Path, caplog: pyt
         os.kill(proc.pid, signal.SIGKILL)  # no chance to release: the kernel drops the flock, the record stays
         proc.wait(30)
     assert json.loads((run_dir / LOCK).read_text())["pid"] == proc.pid
-    with caplog.at_level(logging.INFO, logger="evomerge.rundir"):
+    with caplog.at_level(logging.INFO, logger="evomerge.runlock"):
         with RunLock(run_dir, "evomerge resume"):
             holder = json.loads((run_dir / LOCK).read_text())
             assert (holder["pid"], holder["command"]) == (os.getpid(), "evomerge resume")
@@ -135,7 +140,7 @@ def test_lock_file_of_another_host_is_taken_over_without_a_stale_warning(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 4242, "started": "x"}))
-    with caplog.at_level(logging.INFO, logger="evomerge.rundir"):
+    with caplog.at_level(logging.INFO, logger="evomerge.runlock"):
         with RunLock(run_dir):
             pass
     assert [r.getMessage() for r in caplog.records] == [
@@ -176,7 +181,7 @@ def test_a_file_in_place_of_the_run_dir_is_one_line(tmp_path: Path) -> None:
 
 def test_writers_fail_before_ray_and_readers_work_while_a_search_runs(
         tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(driver, "init_ray", _no_ray)
+    monkeypatch.setattr(ray_cluster, "init_ray", _no_ray)
     run_dir = tmp_path / "run"
     cfg = search_config(tiny_models, tmp_path, run_dir=run_dir)
     path = write_config(cfg, tmp_path / "cfg.yaml")
@@ -189,7 +194,7 @@ def test_writers_fail_before_ray_and_readers_work_while_a_search_runs(
 
     # an existing run: search, search --overwrite of another search, resume: all refused, nothing touched
     RunDir(run_dir).create(parse_config(cfg))
-    RunDir(run_dir).append_evaluation({"kind": "evaluation", "id": "e000000", "status": "ok"})
+    append_jsonl(RunDir(run_dir).evaluations_path, {"kind": "evaluation", "id": "e000000", "status": "ok"})
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != LOCK}
     other = write_config({**cfg, "budget": {"evaluations": 99}}, tmp_path / "other.yaml")
     with held_elsewhere(run_dir) as proc:
@@ -202,7 +207,7 @@ def test_writers_fail_before_ray_and_readers_work_while_a_search_runs(
 
 def test_status_and_plot_read_while_locked_and_rescore_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(driver, "init_ray", _no_ray)
+    monkeypatch.setattr(ray_cluster, "init_ray", _no_ray)
     run_dir = write_run(tmp_path / "run")
     log_before = (run_dir / "evaluations.jsonl").read_bytes()
     with held_elsewhere(run_dir) as proc:
@@ -221,11 +226,11 @@ def test_status_and_plot_read_while_locked_and_rescore_is_refused(
 
 
 class _SessionProbe:
-    """Stands in for ``driver.Search``: records who holds the lock while the session runs."""
+    """Stands in for ``search.loop.Search``: records who holds the lock while the session runs."""
 
     seen: list[dict[str, Any]] = []
 
-    def __init__(self, cfg: Any, run: Any, *, progress: bool) -> None:
+    def __init__(self, plan: Any, run: Any, **kw: Any) -> None:
         self.run = run
 
     def execute(self) -> int:
@@ -237,8 +242,8 @@ class _SessionProbe:
 
 def test_commands_hold_the_lock_for_the_session_and_release_it(
         tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(driver, "init_ray", lambda cfg, address: False)
-    monkeypatch.setattr(driver, "Search", _SessionProbe)
+    monkeypatch.setattr(ray_cluster, "init_ray", lambda cfg, address: False)
+    monkeypatch.setattr(loop, "Search", _SessionProbe)
     _SessionProbe.seen = []
     creates: list[bool] = []
     real_create = RunDir.create
@@ -255,7 +260,7 @@ def test_commands_hold_the_lock_for_the_session_and_release_it(
     assert main(["resume", str(run_dir), "--no-progress"]) == 0
     assert not _locked(run_dir)
     # --overwrite replaces a different search: the lock file survives the clearing, and is released after
-    RunDir(run_dir).append_evaluation({"kind": "evaluation", "id": "e000000", "status": "ok"})
+    append_jsonl(RunDir(run_dir).evaluations_path, {"kind": "evaluation", "id": "e000000", "status": "ok"})
     other = write_config({**cfg, "budget": {"evaluations": 99}}, tmp_path / "other.yaml")
     assert main(["search", str(other), "--overwrite", "--no-progress"]) == 0
     assert not _locked(run_dir) and (run_dir / LOCK).read_text() == ""
@@ -285,30 +290,30 @@ def test_resume_of_a_missing_run_dir_creates_nothing(tmp_path: Path, capsys: pyt
 
 # -- a run whose every candidate failed ------------------------------------------------------
 
-def _ev(i: int, status: str, error: str | None = None) -> dict[str, Any]:
-    return {"kind": "evaluation", "id": f"e{i:06d}", "index": i, "status": status, "error": error,
-            "scores": {"left": 1.0} if status == "ok" else {}}
+def _ev(i: int, status: str, error: str | None = None) -> EvaluationRecord:
+    return EvaluationRecord(id=f"e{i:06d}", index=i, asked=i + 1, recipe=None, status=Status(status), error=error,
+                            scores={"left": 1.0} if status == "ok" else {})
 
 
 def test_all_failed_line() -> None:
     failed = [_ev(i, "failed", f"evaluation: RuntimeError: boom {i}") for i in range(6)]
-    assert driver.all_failed_line(failed) == ("every candidate failed (6 of 6); first error: "
+    assert loop.all_failed_line(failed) == ("every candidate failed (6 of 6); first error: "
                                               "evaluation: RuntimeError: boom 0")
-    assert driver.all_failed_line(failed + [_ev(6, "ok")]) is None
-    assert driver.all_failed_line([]) is None  # nothing evaluated is not a failure
-    references = [{"kind": "reference", "label": "uniform", "status": "ok"}]  # only evaluations count
-    assert driver.all_failed_line(references + failed[:2]) == ("every candidate failed (2 of 2); first error: "
+    assert loop.all_failed_line(failed + [_ev(6, "ok")]) is None
+    assert loop.all_failed_line([]) is None  # nothing evaluated is not a failure
+    references = [ReferenceRecord(label="uniform", recipe=None, status=Status.OK)]  # only evaluations count
+    assert loop.all_failed_line(references + failed[:2]) == ("every candidate failed (2 of 2); first error: "
                                                                "evaluation: RuntimeError: boom 0")
-    assert driver.all_failed_line([_ev(0, "failed"), _ev(1, "failed", "merge: OOM")]) == (
+    assert loop.all_failed_line([_ev(0, "failed"), _ev(1, "failed", "merge: OOM")]) == (
         "every candidate failed (2 of 2); first error: merge: OOM")
-    assert driver.all_failed_line([_ev(0, "failed")]) == (
+    assert loop.all_failed_line([_ev(0, "failed")]) == (
         "every candidate failed (1 of 1); first error: no error was recorded")
 
 
-class _StubSearch(driver.Search):
+class _StubSearch(loop.Search):
     """``Search.execute`` with the Ray parts replaced: the log before and the session's results are given."""
 
-    def __init__(self, before: list[dict[str, Any]], session: list[dict[str, Any]]) -> None:
+    def __init__(self, before: list[EvaluationRecord], session: list[EvaluationRecord]) -> None:
         self.cfg = parse_config({"name": "t", "models": {"sources": ["a", "b"]},
                                  "objectives": [{"name": "left", "task": "x", "metric": "y"}],
                                  "budget": {"evaluations": 6}, "evaluation": {"rescore_heldout": False}})
@@ -318,24 +323,24 @@ class _StubSearch(driver.Search):
         self.stop_signal = None
         self.pool = None
         self.busy_s = 0.0
-        self.records_by_id: dict[str, dict[str, Any]] = {}
+        self.records_by_id: dict[str, EvaluationRecord] = {}
         self.before, self.session, self.statuses = before, session, []
 
-    def _start(self) -> list[dict[str, Any]]:
-        from evomerge.archive import ParetoArchive
+    def _start(self) -> list[EvaluationRecord]:
+        from evomerge.pareto import ParetoArchive
 
         self.elapsed_before = 0.0
         self.archive = ParetoArchive({"left": "minimize"})
         self.book = SimpleNamespace(n_told=len(self.before), n_failed=0)
-        self.records_by_id = {r["id"]: r for r in self.before}
+        self.records_by_id = {r.id: r for r in self.before}
         return list(self.before)
 
-    def _references(self, records: list[dict[str, Any]], progress: Any) -> None:
+    def _references(self, records: list[EvaluationRecord], progress: Any) -> None:
         pass
 
     def _search_loop(self, progress: Any) -> None:
         for r in self.session:
-            self.records_by_id[r["id"]] = r
+            self.records_by_id[r.id] = r
         self.book.n_told += len(self.session)
 
     def checkpoint(self, status: str = "running") -> None:
@@ -357,7 +362,7 @@ class _StubSearch(driver.Search):
 ])
 def test_execute_returns_1_when_every_candidate_failed(before, session, rc, line, caplog) -> None:
     search = _StubSearch(before, session)
-    with caplog.at_level(logging.INFO, logger="evomerge.driver"):
+    with caplog.at_level(logging.INFO, logger="evomerge.search"):
         assert search.execute() == rc
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ([line] if line else [])
@@ -376,7 +381,7 @@ def test_search_whose_every_candidate_fails_exits_1_and_keeps_the_run(ray_sessio
     args = argparse.Namespace(config=str(path), run_dir=None, address=None, overrides=[], overwrite=False,
                               no_progress=True)
     with caplog.at_level(logging.INFO, logger="evomerge"):
-        assert driver.search_command(args) == 1
+        assert commands.search_command(args) == 1
     expected = ("every candidate failed (4 of 4); first error: evaluation: RuntimeError: injected evaluator "
                 "failure for e000000")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [expected]
@@ -389,6 +394,6 @@ def test_search_whose_every_candidate_fails_exits_1_and_keeps_the_run(ray_sessio
     # the run dir is intact and resumable: a resume finds nothing left to ask and says the same
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="evomerge"):
-        assert driver.resume_command(argparse.Namespace(run_dir=str(run_dir), address=None, no_progress=True)) == 1
+        assert commands.resume_command(argparse.Namespace(run_dir=str(run_dir), address=None, no_progress=True)) == 1
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [expected]
     assert len(records(run_dir)) == 4

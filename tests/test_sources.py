@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.config import ModelsConfig
 from evomerge.errors import SourceError
-from evomerge.sources import check_model_set, load_model_set, resolve_source
+from evomerge.merge.sources import model_set_for, load_model_set, resolve_source
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -214,9 +214,9 @@ def test_tied_embeddings_and_model_set_layout(tiny_models, tiny_models_tied):
     assert "'lm_head.weight'" in _one_line(err)
 
 
-def test_check_model_set_from_config(tiny_models):
+def test_model_set_for_from_config(tiny_models):
     cfg = ModelsConfig(base=tiny_models.base_ref, sources=tiny_models.source_refs)
-    ms = check_model_set(cfg)
+    ms = model_set_for(cfg)
     assert [s.ref for s in ms.sources] == tiny_models.source_refs
     assert ms.by_ref(tiny_models.source_refs[1]) is ms.sources[1]
     assert ms.tensor_names[-1] == "lm_head.weight" and ms.groups["lm_head.weight"].kind == "lm_head"

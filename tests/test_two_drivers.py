@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-import evomerge.driver as driver
+import evomerge.search.ray_cluster as ray_cluster
 from evomerge.cli import main
 from search_fixtures import records, search_config, write_config
 
@@ -98,7 +98,7 @@ def test_a_log_cut_before_the_last_checkpoint_is_refused_and_nothing_changes(
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("Ray was started for a truncated log")
 
-    monkeypatch.setattr(driver, "init_ray", fail)
+    monkeypatch.setattr(ray_cluster, "init_ray", fail)
     log_path = run_dir / "evaluations.jsonl"
     counted = json.loads((run_dir / "state" / "counters.json").read_text())["log_records"]
     lines = log_path.read_bytes().splitlines(keepends=True)

@@ -81,10 +81,14 @@ def _run(tmp_path: Path, member_items: dict[str, list[float]], uniform_items: di
     root.mkdir(parents=True)
     objs = [{"name": n, "evaluator": "lm_eval", "task": f"demo_{n}", "metric": "exact_match"} for n in ("a", "b")]
     (root / "config.yaml").write_text(yaml.safe_dump({"name": "t", "objectives": objs}))
+    # a search writes front.json, with the objectives' directions, as soon as it starts
+    (root / "front.json").write_text(json.dumps({"objectives": [{"name": n, "direction": "maximize"} for n in "ab"]}))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     recs = [
-        {"kind": "evaluation", "id": "e1", "index": 0, "status": "ok", "scores": {"a": 0.9, "b": 0.6}, "recipe": None},
-        {"kind": "evaluation", "id": "e2", "index": 1, "status": "ok", "scores": {"a": 0.5, "b": 0.8}, "recipe": None},
+        {"kind": "evaluation", "id": "e1", "index": 0, "asked": 1, "status": "ok", "scores": {"a": 0.9, "b": 0.6},
+         "losses": [-0.9, -0.6], "recipe": None},
+        {"kind": "evaluation", "id": "e2", "index": 1, "asked": 2, "status": "ok", "scores": {"a": 0.5, "b": 0.8},
+         "losses": [-0.5, -0.8], "recipe": None},
         {"kind": "heldout", "id": "e1", "scores": {k: mean(v) for k, v in member_items.items()}, "items": member_items},
         {"kind": "heldout", "id": "e2", "scores": {"a": 1.0, "b": 1.0}, "items": {"a": [1.0] * 64, "b": [1.0] * 64}},
         {"kind": "reference", "label": "uniform", "scores": {"a": 0.5, "b": 0.5},

@@ -9,14 +9,14 @@ base add, rounding to the output dtype and the write into the live parameter - i
 loop that reads each task vector once. On a 297M-parameter model that is the difference
 between seconds and a few tenths of a second per candidate.
 
-Bits: :func:`gta_merge` spells :func:`methods._task_arithmetic`'s operations in the same
+Bits: :func:`gta_merge` spells :func:`gta.combine`'s operations in the same
 order with the same roundings (masks are exact 1/0 products, sums run source by source
 from +0, DARE's L1 sums are taken by the same eager ``sum``), so the compiled kernel's
 result equals ``methods.merge_tensor``'s bit for bit; ``tests/test_fused.py`` checks that
 over random cases with magnitude ties, zeros and -0.0. Covered, in a float32/float64
-compute dtype: task_arithmetic, ties and breadcrumbs(_ties) without ``rescale``,
-dare_linear and dare_ties with or without it. DELLA (per-row ranks), linear, slerp and
-model_stock stay eager.
+compute dtype: the :mod:`family` rows whose sparsification is none, a magnitude window
+(ties, breadcrumbs(_ties): without ``rescale``) or DARE's random keep (with or without
+it). DELLA (per-row ranks), linear, slerp and model_stock stay eager.
 """
 
 from __future__ import annotations
@@ -29,16 +29,20 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from evomerge.merge import methods, rng
+from evomerge.merge import rng
+from evomerge.merge.family import FAMILY, MAGNITUDE, NONE, OUTLIERS, RANDOM
+from evomerge.merge.gta import weight_sum_divisor
+from evomerge.merge.ranking import magnitude_window, outlier_window, window_edges
+from evomerge.merge.scratch import Workspace
+from evomerge.merge.sparsify import l1_rescale_factor
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-_WINDOW_METHODS = frozenset({"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"})
-_RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
+#: Sparsifications the kernel computes: a rank window (none: the whole tensor) or DARE's hash.
+_COVERED = (NONE, MAGNITUDE, OUTLIERS, RANDOM)
 #: Methods the kernel covers (see :func:`plan_call` for the cases it leaves to eager ops).
-FUSED_METHODS = _WINDOW_METHODS | _RANDOM_METHODS
-_CONSENSUS = frozenset({"ties", "breadcrumbs_ties", "dare_ties"})
+FUSED_METHODS = frozenset(name for name, row in FAMILY.items() if row.sparsification in _COVERED)
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _GRAPH_LIMIT = 64
 _DRAW_SHIFT = 32 - rng.UNIFORM_BITS
@@ -77,7 +81,7 @@ def gta_merge(
     All tensors flat: ``base`` (S), ``deltas`` (N, S), ``target`` (S, any float dtype). Per
     source (N): ``weight``; ``scale`` (DARE's L1 rescale factor, else 1); the rank-window
     edges ``lo_value``/``lo_index`` and ``hi_value``/``hi_index`` (see
-    :class:`methods.WindowEdges`; a missing lower edge is value -1, a missing upper one +inf
+    :class:`ranking.WindowEdges`; a missing lower edge is value -1, a missing upper one +inf
     with index S); DARE's hash keys ``key1``/``key2`` and ``keep_below`` (2**24 keeps all).
     ``keep`` says which test applies: "all", "lower" (TIES' top-k), "band" (breadcrumbs'
     two edges), "random" (DARE: the hash) or "measured" (DARE with rescale: ``dropped``
@@ -182,12 +186,13 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
     them, or a NaN at a window edge."""
     if method not in FUSED_METHODS or base.dtype not in _COMPUTE_DTYPES or base.numel() == 0:
         return None
+    row = FAMILY[method]
     numel, n = base.numel(), deltas.shape[0]
     flat = deltas.reshape(n, numel)
     dev, dt = base.device, base.dtype
     lo_v, lo_i, hi_v, hi_i = [-1.0] * n, [0] * n, [float("inf")] * n, [numel] * n
     keys1, keys2, keep_below, rescale = [0] * n, [0] * n, [1 << rng.UNIFORM_BITS] * n, []
-    if method in _RANDOM_METHODS:
+    if row.sparsification is RANDOM:
         keep = "random"
         for i, (density, seed) in enumerate(zip(kwargs["density"], kwargs["seeds"])):
             if density < 1:  # eager leaves a full-density delta alone: no draw, no rescale
@@ -199,10 +204,10 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
             keep = "measured"
     else:
         windows = [(0, numel)] * n
-        if method == "ties":
-            windows = [methods.magnitude_window(numel, d) for d in kwargs["density"]]
-        elif method.startswith("breadcrumbs"):
-            windows = [methods.outlier_window(numel, d, g) for d, g in zip(kwargs["density"], kwargs["gamma"])]
+        if row.sparsification is MAGNITUDE:
+            windows = [magnitude_window(numel, d) for d in kwargs["density"]]
+        elif row.sparsification is OUTLIERS:
+            windows = [outlier_window(numel, d, g) for d, g in zip(kwargs["density"], kwargs["gamma"])]
         keep = "band" if any(hi < numel for _, hi in windows) else "lower" if any(lo > 0 for lo, _ in windows) \
             else "all"
         if keep != "all" and (kwargs.get("rescale") or orders is None):
@@ -213,20 +218,20 @@ def plan_call(method: str, base: Tensor, deltas: Tensor, kwargs: Mapping[str, An
             if lo >= hi:  # an empty window keeps nothing: a lower edge above every magnitude
                 lo_v[i], lo_i[i] = float("inf"), numel
                 continue
-            e = methods.window_edges(flat[i], orders[i], lo, hi)
+            e = window_edges(flat[i], orders[i], lo, hi)
             if e is None:
                 return None
             if e.lo_value is not None:
                 lo_v[i], lo_i[i] = e.lo_value, e.lo_index
             if e.hi_value is not None:
                 hi_v[i], hi_i[i] = e.hi_value, e.hi_index
-    consensus = method in _CONSENSUS
+    consensus = row.consensus
     if not kwargs["normalize"]:
         divisor = 1.0
     elif consensus:
         divisor = 0.0
     else:
-        divisor = methods.weight_sum_divisor(kwargs["weight"])
+        divisor = weight_sum_divisor(kwargs["weight"])
     values = lambda xs: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731 - rounded as eager rounds scalars
     index_dtype = torch.int32 if numel < 2**31 else torch.int64
     indices = lambda xs, t=index_dtype: torch.tensor(xs, dtype=t, device=dev)  # noqa: E731
@@ -254,7 +259,7 @@ class FusedMerger:
         self.compiled = compile
         self._merge: Callable[..., None] = gta_merge
         self._dropped_abs: Callable[..., None] = dropped_abs
-        self._scratch = methods.Workspace()
+        self._scratch = Workspace()
         if compile:
             import torch._dynamo.config as dynamo_config
 
@@ -300,7 +305,7 @@ class FusedMerger:
             self._dropped_abs(dropped[i], call.deltas[i], call.key1[i], call.key2[i], call.keep_below[i])
         for i in call.rescale:
             before = l1_norm(i) if l1_norm is not None else call.deltas[i].abs().sum()
-            call.scale[i] = methods.l1_rescale_factor(before, dropped[i].sum())
+            call.scale[i] = l1_rescale_factor(before, dropped[i].sum())
         return dataclasses.replace(call, dropped=dropped)
 
 

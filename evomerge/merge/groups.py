@@ -8,7 +8,9 @@ is a clear error rather than a silent "everything is one group".
 
 Group keys are strings, used as-is in recipe JSON:
 ``embed``, ``layers.<i>``, ``layers.<i>.attn``, ``layers.<i>.mlp``, ``layers.<i>.norm``,
-``final_norm``, ``lm_head``.
+``final_norm``, ``lm_head``, and ``default`` for every tensor no other key covers. This
+module is the one home of those keys: :data:`PARTS`, :func:`layer_key`, :func:`parse_key`,
+:func:`leaf_keys` and :meth:`TensorGroup.lookup_keys` (most specific first).
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from evomerge.errors import RecipeError
 
 Part = Literal["attn", "mlp", "norm"]
 Kind = Literal["embed", "layer", "final_norm", "lm_head"]
+
+#: The parts a decoder layer may be split into, in reading order.
+PARTS: tuple[Part, ...] = ("attn", "mlp", "norm")
+#: Groups outside the decoder layers; each kind is its own recipe key.
+OTHER_KINDS: tuple[Kind, ...] = ("embed", "final_norm", "lm_head")
+#: The recipe key every tensor falls back to.
+DEFAULT_GROUP = "default"
+_LAYER_KEY = re.compile(r"^layers\.(\d+)(?:\.(attn|mlp|norm))?$")
+
+
+def layer_key(layer: int, part: str | None = None) -> str:
+    """``layers.<i>`` or ``layers.<i>.<part>``."""
+    return f"layers.{layer}" if part is None else f"layers.{layer}.{part}"
 
 
 @dataclass(frozen=True)
@@ -36,9 +51,36 @@ class TensorGroup:
         if self.kind != "layer":
             return self.kind
         split = set(split)
-        if self.part is not None and self.part in split:
-            return f"layers.{self.layer}.{self.part}"
-        return f"layers.{self.layer}"
+        return layer_key(self.layer, self.part if self.part in split else None)
+
+    def lookup_keys(self) -> list[str]:
+        """The recipe keys that may set this group, most specific first, ending with ``default``."""
+        if self.kind != "layer":
+            return [self.kind, DEFAULT_GROUP]
+        own = [layer_key(self.layer, self.part)] if self.part is not None else []
+        return own + [layer_key(self.layer), DEFAULT_GROUP]
+
+
+def parse_key(key: str) -> TensorGroup | None:
+    """The group a recipe key names (``layers.<i>`` is a layer with no part); None for
+    ``default``; a one-line RecipeError for anything else."""
+    if key == DEFAULT_GROUP:
+        return None
+    if key in OTHER_KINDS:
+        return TensorGroup(key)  # type: ignore[arg-type]
+    m = _LAYER_KEY.match(key)
+    if not m:
+        raise RecipeError(
+            f"recipe group {key!r} is not a group key; use default, embed, final_norm, lm_head, "
+            f"layers.<i> or layers.<i>.attn|mlp|norm"
+        )
+    return TensorGroup("layer", int(m.group(1)), m.group(2))  # type: ignore[arg-type]
+
+
+def leaf_keys(num_layers: int) -> list[str]:
+    """Every leaf group of a model: embed, layers.<i>.attn|mlp|norm, final_norm, lm_head."""
+    keys = ["embed"] + [layer_key(i, p) for i in range(num_layers) for p in PARTS]
+    return keys + ["final_norm", "lm_head"]
 
 
 @dataclass(frozen=True)
@@ -109,15 +151,7 @@ def classify(name: str, layout: Layout) -> TensorGroup | None:
     m = layout.layer.match(name)
     if m:
         rest = m.group(2)
-        part: Part | None
-        if layout.attn.match(rest):
-            part = "attn"
-        elif layout.mlp.match(rest):
-            part = "mlp"
-        elif layout.norm.match(rest):
-            part = "norm"
-        else:
-            part = None
+        part = next((p for p in PARTS if getattr(layout, p).match(rest)), None)
         return TensorGroup("layer", int(m.group(1)), part)
     if layout.embed.match(name):
         return TensorGroup("embed")

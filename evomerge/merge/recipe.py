@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import RecipeError
-from evomerge.merge.groups import TensorGroup
+from evomerge.merge.groups import DEFAULT_GROUP, TensorGroup
 
-DEFAULT_GROUP = "default"
+__all__ = ["DEFAULT_GROUP", "GroupRecipe", "MergeRecipe"]
 
 
 class GroupRecipe(BaseModel):
@@ -69,14 +69,7 @@ class MergeRecipe(BaseModel):
     # -- lookup -----------------------------------------------------------------
     def group_for(self, group: TensorGroup) -> tuple[str, GroupRecipe]:
         """The (key, settings) that apply to a tensor of ``group``, most specific first."""
-        keys: list[str] = []
-        if group.kind == "layer":
-            if group.part is not None:
-                keys.append(f"layers.{group.layer}.{group.part}")
-            keys.append(f"layers.{group.layer}")
-        else:
-            keys.append(group.kind)
-        keys.append(DEFAULT_GROUP)
+        keys = group.lookup_keys()
         for k in keys:
             if k in self.groups:
                 return k, self.groups[k]
@@ -119,7 +112,20 @@ class MergeRecipe(BaseModel):
             raise RecipeError(f"recipe file {p} does not exist")
         return cls.from_json(p.read_text())
 
+    def canonical_json(self) -> str:
+        """The recipe as canonical JSON (``canonical_json``): equal strings <=> equal recipes."""
+        return canonical_json(self.to_dict())
+
     def content_hash(self) -> str:
-        """Stable hash of the recipe's meaning (sorted JSON), for caches and ids."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+        """Stable hash of the recipe's meaning, for caches and ids."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+def canonical_json(recipe: Mapping[str, Any] | None) -> str:
+    """A recipe dict as sorted, compact JSON: the one spelling every recipe hash and comparison uses.
+
+    Floats round-trip exactly through JSON, so equal strings mean equal recipes (the
+    evaluation cache key, the actors' "already merged" check and the resume replay's
+    "same ask as logged" check all compare recipes this way).
+    """
+    return json.dumps(recipe, sort_keys=True, separators=(",", ":"))

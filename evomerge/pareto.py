@@ -1,24 +1,38 @@
-"""Pareto archive: the non-dominated candidates over all objectives.
+"""Pareto fronts, hypervolume and the knee: the multi-objective geometry, in one place.
 
-The driver adds every finished evaluation; the archive keeps only the candidates no
-other candidate beats on every objective (the Pareto front) and answers what the
-reports need: the best member per objective, the hypervolume of the front (one number
-that grows whenever the front improves), the knee (the balanced compromise) and
-crowding distances (how isolated a member is along the front).
+Why one module: the driver's archive (front.json), ``status``, ``plot`` and ``export`` all
+answer the same questions (which candidates are non-dominated, how much space the front
+covers, which member is the balanced compromise). They must give the same numbers, so
+the directions, the sign rule, dominance, the hypervolume and the knee are defined here
+once and everything else calls in.
 
-Internally every score is turned into "larger is better" (minimized objectives are
-negated), so dominance and geometry have one code path. With a single objective the
-front is simply the best candidate so far. Ties: a candidate whose scores equal a
-member's does not enter (the first one found stays), so repeated evaluations of the
-same recipe do not grow the front.
+The sign rule: ``sign(direction) * score`` is "larger is better" (minimized objectives
+are negated), so dominance and geometry have one code path.
+
+The archive keeps only the candidates no other candidate beats on every objective (the
+Pareto front) and answers what the reports need: the best member per objective, the
+hypervolume of the front (one number that grows whenever the front improves), the knee
+and crowding distances (how isolated a member is along the front). With a single
+objective the front is simply the best candidate so far. Ties: a candidate whose scores
+equal a member's does not enter (the first one found stays), so repeated evaluations of
+the same recipe do not grow the front.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar
 
-MAXIMIZE, MINIMIZE = "maximize", "minimize"
+Direction = Literal["maximize", "minimize"]
+MAXIMIZE: Direction = "maximize"
+MINIMIZE: Direction = "minimize"
+
+K = TypeVar("K")
+
+
+def sign(direction: str) -> float:
+    """+1 when larger is better, -1 when smaller is: ``sign * score`` is always 'larger is better'."""
+    return 1.0 if direction == MAXIMIZE else -1.0
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -26,12 +40,17 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
-def hypervolume_min(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
-    """Exact hypervolume dominated by ``points`` (minimisation) and bounded by ``reference``.
+# -- hypervolume ----------------------------------------------------------------------------
+def hypervolume(scores: Iterable[Mapping[str, float]], directions: Mapping[str, str],
+                reference: Mapping[str, float]) -> float:
+    """Hypervolume of raw score dicts (``{objective: score}``) against a reference score dict.
 
-    Points that do not strictly beat the reference in every coordinate contribute nothing.
+    The one entry point for every report: each objective is oriented by ``sign`` and the
+    region measured is the one each point beats ``reference`` by. Points that do not beat
+    the reference on every objective add nothing.
     """
-    return hypervolume_max([[-float(x) for x in p] for p in points], [-float(r) for r in reference])
+    s = {k: sign(d) for k, d in directions.items()}
+    return hypervolume_max([[s[k] * float(p[k]) for k in s] for p in scores], [s[k] * float(reference[k]) for k in s])
 
 
 def hypervolume_max(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
@@ -40,8 +59,15 @@ def hypervolume_max(points: Sequence[Sequence[float]], reference: Sequence[float
     Reports redraw at every checkpoint and trace the curve over the whole run, and
     checkpoints rewrite front.json, so it must stay fast on large fronts: a sweep in 2-D
     (O(n log n)) and, above, slicing on the first coordinate with the dominated points
-    of each slab dropped before recursing (O(n^2 log n) in 3-D). Same value, exactly
-    defined the same way: points not above the reference everywhere add nothing.
+    of each slab dropped before recursing (O(n^2 log n) in 3-D). Points not above the
+    reference everywhere add nothing.
+
+    Why not nevergrad's ``HypervolumeIndicator`` (measured with nevergrad 1.0.12, after
+    dropping the points that do not beat the reference, which nevergrad does not do): it
+    gives the same numbers (3000 random fronts, 1-4 objectives, mixed directions: worst
+    relative difference 4.4e-16) but is 3-4x slower where it matters: 100-point front
+    3.7 ms vs 1.2 ms here in 3-D (0.38 vs 0.10 ms in 2-D), 300 points 27 vs 6.9 ms in 3-D;
+    the report's progress curve computes it up to 100 times per redraw.
     """
     ref = tuple(float(r) for r in reference)
     pts = [tuple(float(v) for v in p) for p in points if all(v > r for v, r in zip(p, ref))]
@@ -74,6 +100,34 @@ def _hv(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
     return total
 
 
+# -- the knee -------------------------------------------------------------------------------
+def normalised(points: Mapping[K, Mapping[str, float]], directions: Mapping[str, str]) -> dict[K, list[float]]:
+    """Each score mapped to [0, 1] over ``points``, 1 = best; a constant objective maps to 1."""
+    out: dict[K, list[float]] = {i: [] for i in points}
+    for name, d in directions.items():
+        s = sign(d)
+        vals = [s * p[name] for p in points.values()]
+        lo, hi = min(vals), max(vals)
+        for i, p in points.items():
+            out[i].append(1.0 if hi == lo else (s * p[name] - lo) / (hi - lo))
+    return out
+
+
+def knee(points: Mapping[K, Mapping[str, float]], directions: Mapping[str, str]) -> K:
+    """The point closest (Euclidean) to the ideal point after normalising each objective over ``points``.
+
+    Normalising makes objectives on different scales (accuracy vs perplexity) count
+    equally; the ideal point is the best value of every objective. Ties go to the first
+    point in ``points`` order (the front's order). ValueError if ``points`` is empty.
+    """
+    if not points:
+        raise ValueError("no points to choose a knee from")
+    norm = normalised(points, directions)
+    ideal = [1.0] * len(directions)
+    return min(points, key=lambda i: math.dist(norm[i], ideal))
+
+
+# -- the archive ----------------------------------------------------------------------------
 class ParetoArchive:
     """Non-dominated set over ``directions`` ({objective: "maximize" | "minimize"})."""
 
@@ -90,15 +144,8 @@ class ParetoArchive:
         self._worst: dict[str, float] = {}  # worst score seen per objective (over all adds)
         self.n_added = 0
 
-    # -- helpers ----------------------------------------------------------------------
-    def _sign(self, name: str) -> float:
-        return 1.0 if self.directions[name] == MAXIMIZE else -1.0
-
     def _vec(self, scores: Mapping[str, float]) -> tuple[float, ...]:
-        return tuple(self._sign(k) * float(scores[k]) for k in self.objectives)
-
-    def _is_worse(self, name: str, a: float, b: float) -> bool:
-        return self._sign(name) * a < self._sign(name) * b
+        return tuple(sign(self.directions[k]) * float(scores[k]) for k in self.objectives)
 
     # -- membership -----------------------------------------------------------------
     def add(self, id: str, scores: Mapping[str, float]) -> bool:
@@ -115,10 +162,11 @@ class ParetoArchive:
             return False
         self.n_added += 1
         for k, v in values.items():
-            if k not in self._worst or self._is_worse(k, v, self._worst[k]):
+            s = sign(self.directions[k])
+            if k not in self._worst or s * v < s * self._worst[k]:
                 self._worst[k] = v
         new = self._vec(values)
-        for mid, mscores in self._members.items():
+        for mscores in self._members.values():
             old = self._vec(mscores)
             if old == new or dominates(old, new):
                 return False
@@ -149,7 +197,7 @@ class ParetoArchive:
             raise KeyError(f"unknown objective {objective!r}; objectives: {', '.join(self.objectives)}")
         if not self._members:
             raise ValueError("the archive is empty")
-        s = self._sign(objective)
+        s = sign(self.directions[objective])
         return max(self._members, key=lambda m: s * self._members[m][objective])
 
     # -- geometry -------------------------------------------------------------------
@@ -162,35 +210,20 @@ class ParetoArchive:
     def hypervolume(self, reference: Mapping[str, float] | None = None) -> float:
         """Exact hypervolume of the front against ``reference`` (default ``reference_point()``).
 
-        Maximized objectives are negated so the region measured is the one each member
-        beats the reference by. Members that do not beat the reference on every
-        objective add nothing (with the default reference the extreme members add
-        nothing along the objective they are worst on).
+        Members that do not beat the reference on every objective add nothing (with the
+        default reference the extreme members add nothing along the objective they are
+        worst on).
         """
         if not self._members:
             return 0.0
         ref = dict(reference) if reference is not None else self.reference_point()
-        ref_min = [-self._sign(k) * float(ref[k]) for k in self.objectives]
-        pts = [[-x for x in self._vec(s)] for s in self._members.values()]
-        return hypervolume_min(pts, ref_min)
-
-    def _normalised(self) -> dict[str, list[float]]:
-        """Members' scores scaled to [0, 1] per objective over the front, 1 = best."""
-        ids = list(self._members)
-        out: dict[str, list[float]] = {m: [] for m in ids}
-        for k in self.objectives:
-            vals = [self._sign(k) * self._members[m][k] for m in ids]
-            lo, hi = min(vals), max(vals)
-            for m, v in zip(ids, vals):
-                out[m].append(1.0 if hi == lo else (v - lo) / (hi - lo))
-        return out
+        return hypervolume(self._members.values(), self.directions, ref)
 
     def knee(self) -> str:
-        """The member closest (Euclidean, after normalising each objective over the front) to the ideal point."""
+        """The member closest to the ideal point after normalising each objective over the front (``knee``)."""
         if not self._members:
             raise ValueError("the archive is empty")
-        norm = self._normalised()
-        return min(norm, key=lambda m: math.fsum((1.0 - x) ** 2 for x in norm[m]))
+        return knee(self._members, self.directions)
 
     def crowding_distances(self) -> dict[str, float]:
         """NSGA-II crowding distance of each member (inf at the ends of each objective)."""

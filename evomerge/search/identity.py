@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import RunDirError
-from evomerge.rundir import IDENTITY, atomic_write
+from evomerge.fileio import atomic_write, sha256_file
+from evomerge.rundir import IDENTITY
 
 VERSION = 1
 #: pieces of a weight file's data hashed besides its header and size
@@ -50,14 +51,6 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenize
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_sha(obj: Any) -> str:

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from evomerge.archive import ParetoArchive, dominates, hypervolume_min
+from evomerge.pareto import MINIMIZE, ParetoArchive, dominates, hypervolume
 
 
 def test_two_objectives_dominance_and_removal() -> None:
@@ -76,9 +76,11 @@ def _brute_force_cells(points: list[tuple[int, ...]], ref: tuple[int, ...]) -> i
 def test_hypervolume_matches_cell_count(dim: int) -> None:
     rng = random.Random(dim)
     ref = (6,) * dim
+    names = [f"o{k}" for k in range(dim)]
     for _ in range(20):
         pts = [tuple(rng.randrange(0, 7) for _ in range(dim)) for _ in range(rng.randrange(1, 7))]
-        assert hypervolume_min(pts, ref) == _brute_force_cells(pts, ref)
+        scores = [dict(zip(names, p)) for p in pts]
+        assert hypervolume(scores, {n: MINIMIZE for n in names}, dict(zip(names, ref))) == _brute_force_cells(pts, ref)
 
 
 def test_knee_and_crowding() -> None:

@@ -23,9 +23,11 @@ import time
 import traceback
 from typing import Any
 
+from evomerge.merge.dtypes import OUTPUT_DTYPES
+
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPES = {name: name for name in OUTPUT_DTYPES}
 
 
 def one_line(err: BaseException, limit: int = 400) -> str:
@@ -54,7 +56,7 @@ class CandidateEvaluator:
 
         from evomerge.config import SearchConfig
         from evomerge.merge.materialise import InPlaceMerger
-        from evomerge.sources import load_model_set
+        from evomerge.merge.sources import model_set_for
         from evaluators import build_objectives
 
         self.cfg = SearchConfig.model_validate(cfg_data)
@@ -66,8 +68,7 @@ class CandidateEvaluator:
             threads = max(1, int(self.cfg.ray.num_cpus_per_actor))
             torch.set_num_threads(threads)
         m = self.cfg.models
-        self.model_set = load_model_set(m.base, m.sources, tokenizer_source=m.tokenizer_source, revision=m.revision,
-                                        allow_pickle=m.allow_pickle)
+        self.model_set = model_set_for(m)
         live_path = self.model_set.base.path if self.model_set.base is not None else self.model_set.sources[0].path
         dtype = getattr(torch, _DTYPES[self.cfg.merge.dtype])
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -86,16 +87,11 @@ class CandidateEvaluator:
 
     # -- probes ---------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
-        """Called once after (re)start: proves the actor is alive and says where it runs."""
+        """Called once after (re)start: proves the actor is alive, says where it runs, and how its
+        evaluators define each objective's direction (the pool checks them against the plan's)."""
         return {"actor": self.actor_index, "pid": os.getpid(), "node": socket.gethostname(),
-                "device": self.device, "load_s": round(self.load_s, 3)}
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def directions(self) -> dict[str, str]:
-        """{objective: "maximize" | "minimize"}, as the evaluators define their metrics."""
-        return dict(self.objectives.directions)
+                "device": self.device, "load_s": round(self.load_s, 3),
+                "directions": dict(self.objectives.directions)}
 
     # -- work -----------------------------------------------------------------------
     def evaluate(self, candidate_id: str, recipe_dict: dict[str, Any], split: str = "selection") -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """`evomerge` command line: search | resume | status | export | merge | plot.
 
-This module only parses arguments and turns user errors into one line on stderr with
-exit status 2. Each command's work lives in the module that owns the concept; they are
-imported lazily so ``evomerge --help`` stays fast (torch and Ray are slow to import).
+This module parses arguments and turns user errors into one line on stderr with exit
+status 2. The commands live beside it (``search_commands``: search, resume;
+``view_commands``: status, plot; ``model_commands``: merge, export) and are imported
+lazily, so ``evomerge --help`` stays fast (torch and Ray are slow to import).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set budget.evaluations=50 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace a run dir that holds a different search")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
-    p.set_defaults(func=_lazy("evomerge.driver", "search_command"))
+    p.set_defaults(func=_lazy("evomerge.cli.search_commands", "search_command"))
 
 
 def _add_resume(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def _add_resume(sub: argparse._SubParsersAction) -> None:
                    help="raise the run's evaluation budget to N (updates budget.evaluations of its config.yaml)")
     p.add_argument("--address", help="Ray cluster address; default: embedded local Ray")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_lazy("evomerge.driver", "resume_command"))
+    p.set_defaults(func=_lazy("evomerge.cli.search_commands", "resume_command"))
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--rescore", action="store_true", help="score the front on the heldout split now")
     p.add_argument("--address", help="Ray address for --rescore")
-    p.set_defaults(func=_lazy("evomerge.report", "status_command"))
+    p.set_defaults(func=_lazy("evomerge.cli.view_commands", "status_command"))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +61,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision")
     p.add_argument("--commit-message")
-    p.set_defaults(func=_lazy("evomerge.export", "export_command"))
+    p.set_defaults(func=_lazy("evomerge.cli.model_commands", "export_command"))
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -71,14 +72,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cpu", help="device for the tensor math (cpu, cuda)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (unsafe)")
-    p.set_defaults(func=_lazy("evomerge.merge.materialise", "merge_command"))
+    p.set_defaults(func=_lazy("evomerge.cli.model_commands", "merge_command"))
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's Pareto front and its progress over time")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/report.png)")
-    p.set_defaults(func=_lazy("evomerge.report", "plot_command"))
+    p.set_defaults(func=_lazy("evomerge.cli.view_commands", "plot_command"))
 
 
 def _lazy(module: str, attr: str) -> Callable[[argparse.Namespace], int | None]:
@@ -114,6 +115,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     return int(rc or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

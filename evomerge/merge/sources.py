@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from evomerge.errors import SourceError
+from evomerge.merge.dtypes import ST_DTYPES
 from evomerge.merge.groups import Layout, TensorGroup, detect_layout, group_tensors, num_layers
 
 if TYPE_CHECKING:  # torch is slow to import; only needed when tensors are read
@@ -41,13 +42,6 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 #: Training leftovers that sit next to weights but are not weights.
 _NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|trainer_state|scaler)\.(bin|pt|pth)$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-#: safetensors header dtype -> torch dtype name (resolved lazily to keep torch out of imports).
-ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
 
 
 @dataclass(frozen=True)
@@ -441,7 +435,7 @@ def load_model_set(base: str | None, sources: list[str], *, tokenizer_source: st
                     num_layers=num_layers(groups.values()), tokenizer_path=tok_path, tensor_names=order)
 
 
-def check_model_set(models_cfg: "ModelsConfig") -> ModelSet:
-    """The source check of ``config.check_config``: resolve and validate ``models:``."""
+def model_set_for(models_cfg: "ModelsConfig") -> ModelSet:
+    """The config's ``models:`` resolved and checked (``load_model_set``): once per command, by the plan."""
     return load_model_set(models_cfg.base, list(models_cfg.sources), tokenizer_source=models_cfg.tokenizer_source,
                           allow_pickle=models_cfg.allow_pickle, revision=models_cfg.revision)

@@ -17,11 +17,14 @@ driver evaluates again. Everything here is pure Python + nevergrad: no Ray, no t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+from evomerge.merge.recipe import canonical_json
+from evomerge.pareto import sign
+from evomerge.records import EvaluationRecord, Record
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,9 @@ def eval_id(index: int) -> str:
     return f"e{index:06d}"
 
 
-def recipe_fingerprint(recipe: Mapping[str, Any]) -> str:
-    """Canonical JSON of a recipe dict: equal strings <=> equal recipes (floats round-trip)."""
-    return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-
-
 def to_losses(scores: Mapping[str, float], objectives: Sequence[tuple[str, str]]) -> list[float]:
     """Scores -> minimisation losses, in objective order (maximised scores are negated)."""
-    return [(-1.0 if direction == "maximize" else 1.0) * float(scores[name]) for name, direction in objectives]
+    return [-sign(direction) * float(scores[name]) for name, direction in objectives]
 
 
 def penalty_losses(seen: Iterable[Sequence[float]], n: int) -> list[float]:
@@ -116,7 +114,7 @@ class SearchBook:
         self.optimizer.tell(candidate, losses[0] if len(losses) == 1 else losses)
 
     # -- resume ------------------------------------------------------------------------
-    def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
+    def replay(self, records: Iterable[Record]) -> None:
         """Redo the logged asks and tells, in the logged order, on this fresh optimizer.
 
         After it, ``pending`` holds the candidates asked (before the last logged tell) but
@@ -125,27 +123,26 @@ class SearchBook:
         state, gives the same ones.
         """
         for rec in records:
-            if rec.get("kind") != "evaluation":
+            if not isinstance(rec, EvaluationRecord):
                 continue
-            index, asked_count = int(rec["index"]), int(rec["asked"])
+            index, asked_count = rec.index, rec.asked
             while self.n_asked < asked_count:
                 self.ask()
             asked = self.pending.get(index)
-            if asked is not None and recipe_fingerprint(asked.recipe) != recipe_fingerprint(rec["recipe"]):
+            if asked is not None and canonical_json(asked.recipe) != canonical_json(rec.recipe):
                 self.diverged += 1
                 log.warning("replay: ask %d gave another recipe than the log (library version changed?); "
                             "telling the logged one instead", index)
-            if asked is None or recipe_fingerprint(asked.recipe) != recipe_fingerprint(rec["recipe"]):
+            if asked is None or canonical_json(asked.recipe) != canonical_json(rec.recipe):
                 # tell the logged point as not-asked: the log, not this optimizer, is the truth
                 cand = self.optimizer.parametrization.spawn_child(
-                    new_value=self.space.value_from_json(rec["value"]))
+                    new_value=self.space.value_from_json(rec.value))
                 self.pending.pop(index, None)
-                self._tell(cand, rec["losses"])
+                self._tell(cand, rec.losses)
             else:
                 self.pending.pop(index)
-                self._tell(asked.candidate, rec["losses"])
-            ok = rec.get("status") == "ok"
+                self._tell(asked.candidate, rec.losses)
             self.n_told += 1
-            self.n_failed += 0 if ok else 1
-            if ok:
-                self.losses_seen.append([float(x) for x in rec["losses"]])
+            self.n_failed += 0 if rec.ok else 1
+            if rec.ok:
+                self.losses_seen.append([float(x) for x in rec.losses])

@@ -1,0 +1,434 @@
+"""The steady-state search over a run directory: ask, dispatch, log, tell, checkpoint.
+
+Shape of a session (``Search.execute``), after ``session.run_search`` has started Ray:
+
+1. Resume state is rebuilt from ``evaluations.jsonl`` alone (``SearchBook.replay``): a
+   fresh optimizer seeded as at the start is fed the logged asks and tells in the logged
+   order, so nothing finished is lost or evaluated twice, and candidates in flight at a
+   crash are evaluated again.
+2. References (uniform merge, each source alone, the base) are scored once per run.
+3. Steady state: the moment an actor is free it gets the next candidate (no generation
+   barrier). Each finished candidate is appended to the log *first*, then told. Failed
+   candidates are told a penalty worse than anything seen. A recipe already evaluated is
+   not evaluated again (its scores are reused and logged as ``cached_from``); cache hits
+   count toward the budget, so a converged optimizer cannot loop forever.
+4. Checkpoints every ``output.checkpoint_every`` evaluations and on SIGINT/SIGTERM; at the
+   end the front is re-scored on the held-out split (``heldout.score_heldout``).
+
+The loop knows nothing of reports: a caller that wants one drawn at each checkpoint
+passes ``on_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from evomerge.errors import EvomergeError
+from evomerge.pareto import ParetoArchive
+from evomerge.records import EvaluationRecord, HeldoutRecord, Kind, Record, ReferenceRecord, Status, UNIFORM, BASE, source_label
+from evomerge.rundir import RunDir
+from evomerge.search.heldout import score_heldout
+from evomerge.search.plan import SearchPlan
+from evomerge.search.pool import MAX_ATTEMPTS, TICK_S, EvaluatorPool, Event, Job, failed_result
+from evomerge.search.ray_cluster import plan_actors
+from evomerge.search.searchbook import Asked, SearchBook
+
+log = logging.getLogger("evomerge.search")
+
+#: evaluate each source alone as a reference when there are at most this many
+MAX_SOURCE_REFERENCES = 8
+#: test hook: JSON of faults the actors inject (``actor._inject_fault``); never set outside tests
+FAULTS_ENV = "EVOMERGE_TEST_FAULTS"
+
+
+def reference_recipes(plan: SearchPlan) -> list[tuple[str, dict[str, Any]]]:
+    """Baselines scored once: the uniform average, each source alone (if few), the base."""
+    from evomerge.merge.recipe import GroupRecipe, MergeRecipe
+
+    cfg = plan.cfg
+    sources = [s.ref for s in plan.model_set.sources]
+    base = plan.model_set.base.ref if plan.model_set.base is not None else None
+
+    def recipe(method: str, params: dict[str, Any], weights: dict[str, float]) -> dict[str, Any]:
+        group = GroupRecipe(method=method, params=params, source_params={s: {"weight": w} for s, w in weights.items()})
+        return MergeRecipe(base=base, sources=list(sources), groups={"default": group}, seed=cfg.merge.seed,
+                           dtype=cfg.merge.dtype, compute_dtype=cfg.merge.compute_dtype,
+                           tokenizer_source=cfg.models.tokenizer_source).to_dict()
+
+    out = [(UNIFORM, recipe("linear", {"normalize": True}, {s: 1.0 for s in sources}))]
+    if 1 < len(sources) <= MAX_SOURCE_REFERENCES:
+        out += [(source_label(s), recipe("linear", {"normalize": True}, {t: float(t == s) for t in sources}))
+                for s in sources]
+    if base is not None:
+        out.append((BASE, recipe("task_arithmetic", {}, {s: 0.0 for s in sources})))
+    return out
+
+
+def all_failed_line(records: list[Record]) -> str | None:
+    """``every candidate failed (N of N); first error: ...`` when no evaluation succeeded, else None.
+
+    A search whose every candidate failed (a broken evaluator, an out-of-memory merge,
+    a missing task) has an empty front and nothing to export: it must not exit 0 as if
+    it had searched. Other record kinds are ignored; no evaluation at all is not a failure.
+    """
+    evals = [r for r in records if isinstance(r, EvaluationRecord)]
+    if not evals or any(r.ok for r in evals):
+        return None
+    first = next((str(r.error) for r in evals if r.error), "no error was recorded")
+    return f"every candidate failed ({len(evals)} of {len(evals)}); first error: {first}"
+
+
+class Search:
+    """One driver session over a run directory (a new run, or the continuation of one)."""
+
+    def __init__(self, plan: SearchPlan, run: RunDir, *, progress: bool = True, optimizer_budget: int | None = None,
+                 on_checkpoint: Callable[[RunDir, bool], None] | None = None) -> None:
+        self.plan = plan
+        self.cfg = plan.cfg
+        self.run = run
+        self.show_progress = progress
+        self.on_checkpoint = on_checkpoint
+        self.budget_evals = self.cfg.budget.evaluations
+        # the optimizer is created with the budget the run started with, so a replay after
+        # `evomerge resume --budget N` builds the very same optimizer
+        self.optimizer_budget = optimizer_budget if optimizer_budget is not None else self.cfg.budget.evaluations
+        self.directions = dict(plan.directions)
+        self.stop_signal: int | None = None
+        self.queue: collections.deque[Job] = collections.deque()  # candidates to evaluate first
+        self.waiters: dict[str, list[Job]] = {}  # evaluation key -> duplicates waiting for its result
+        self.cache: dict[str, EvaluationRecord] = {}  # evaluation key -> ok record
+        self.records_by_id: dict[str, EvaluationRecord] = {}
+        self.heldout: dict[str, dict[str, float]] = {}
+        self.since_checkpoint = 0
+        self.busy_s = 0.0  # actor time inside merge + evaluation, this session
+        self.pool: EvaluatorPool | None = None
+        self.book: SearchBook | None = None
+        self.archive = ParetoArchive(self.directions)
+        self.t0 = time.monotonic()
+        self.elapsed_before = 0.0
+
+    # -- setup ----------------------------------------------------------------------
+    def _key(self, recipe: dict[str, Any]) -> str:
+        from evaluators import evaluation_key
+        from evomerge.merge.recipe import MergeRecipe
+
+        return evaluation_key(MergeRecipe.from_dict(recipe), self.cfg)
+
+    def _start(self) -> list[Record]:
+        from search_spaces.optimizers import make_optimizer
+
+        self.run.truncate_torn_tail()  # the commands' pre-flight validated the log; cut only a torn tail
+        records = self.run.records()
+        counters = self.run.load_counters()
+        self.elapsed_before = float(counters.get("elapsed_s", 0.0))
+        n_actors, use_gpu = plan_actors(self.cfg)
+        faults = json.loads(os.environ[FAULTS_ENV]) if os.environ.get(FAULTS_ENV) else None
+        self.pool = EvaluatorPool(self.cfg, n_actors, use_gpu, self.directions, faults=faults)
+        self.pool.wait_ready()
+        # the optimizer's num_workers is fixed by the first session, so a replay is exact
+        # even if the resumed session has another number of actors
+        logged = next((r.num_workers for r in records if isinstance(r, EvaluationRecord) and r.num_workers), None)
+        self.num_workers = int(counters.get("num_workers") or logged or self.cfg.optimizer.popsize or n_actors)
+        optimizer = make_optimizer(self.cfg, self.plan.space.parametrization(), budget=self.optimizer_budget,
+                                   num_workers=self.num_workers)
+        self.book = SearchBook(optimizer, self.plan.space, self.plan.objectives)
+        self.book.replay(records)
+        if self.book.diverged:
+            log.warning("replay: %d logged asks differed from this optimizer's; the log was followed",
+                        self.book.diverged)
+        for rec in records:
+            if isinstance(rec, EvaluationRecord):
+                self.records_by_id[rec.id] = rec
+                if rec.ok:
+                    self.archive.add(rec.id, rec.scores)
+                    if rec.key:
+                        self.cache.setdefault(rec.key, rec)
+            elif isinstance(rec, HeldoutRecord) and rec.ok:
+                self.heldout[rec.id] = rec.scores
+        self.write_front()  # front.json names the objectives and directions from the first moment on
+        # asked before the crash's last tell but never finished: evaluate them again, first
+        for asked in sorted(self.book.pending.values(), key=lambda a: a.index):
+            self.queue.append(self._job_for(asked))
+        if records:
+            log.info("resuming %s: %d evaluations logged (%d failed), %d to evaluate again, front %d",
+                     self.run.path, self.book.n_told, self.book.n_failed, len(self.queue), len(self.archive))
+        return records
+
+    def _job_for(self, asked: Asked) -> Job:
+        return Job(Kind.EVALUATION, asked.id, asked.recipe, asked=asked, key=self._key(asked.recipe))
+
+    # -- budget ---------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.t0)
+
+    def _outstanding(self) -> int:
+        assert self.pool is not None
+        n = sum(1 for j in self.pool.jobs() if j.kind is Kind.EVALUATION) + len(self.queue)
+        return n + sum(len(w) for w in self.waiters.values())
+
+    def _can_ask(self) -> bool:
+        assert self.book is not None
+        if self.stop_signal is not None:
+            return False
+        if self.budget_evals is not None and self.book.n_told + self._outstanding() >= self.budget_evals:
+            return False
+        if self.cfg.budget.wall_clock_s is not None and self.elapsed() >= self.cfg.budget.wall_clock_s:
+            return False
+        return True
+
+    # -- the loop -------------------------------------------------------------------
+    def _next_job(self) -> Job | None:
+        """The next candidate to dispatch: a re-queued one, or a fresh ask (cache hits are told here)."""
+        assert self.book is not None
+        while True:
+            if self.queue:
+                return self.queue.popleft()
+            if not self._can_ask():
+                return None
+            job = self._job_for(self.book.ask())
+            hit = self.cache.get(job.key or "")
+            if hit is not None:
+                self._finish(job, {"scores": hit.scores, "status": Status.OK.value, "error": None,
+                                   "timings": {"merge_s": 0.0, "eval_s": 0.0}, "actor": None},
+                             cached_from=hit.id)
+                continue
+            in_flight = [j for j in (self.pool.jobs() if self.pool else []) + list(self.queue) if j.key == job.key]
+            if in_flight:
+                self.waiters.setdefault(job.key or "", []).append(job)
+                continue
+            return job
+
+    def _dispatch(self) -> None:
+        assert self.pool is not None
+        if self.stop_signal is not None:
+            return
+        for i in self.pool.free():
+            job = self._next_job()
+            if job is None:
+                return
+            self.pool.submit(i, job)
+
+    def _finish(self, job: Job, result: dict[str, Any], cached_from: str | None = None) -> None:
+        """Log (first) and tell one finished candidate; update front, cache and waiters."""
+        assert self.book is not None and job.asked is not None
+        status = Status(result["status"])
+        ok = status is Status.OK
+        losses = self.book.losses_for(result["scores"], ok)
+        now = time.time()
+        timings = dict(result.get("timings") or {})
+        timings["wall_s"] = round(now - (job.dispatched_at or job.asked_at), 6)
+        record = EvaluationRecord(
+            id=job.id, index=job.asked.index, asked=self.book.n_asked, recipe=job.recipe, value=job.asked.value,
+            key=job.key, scores=result["scores"] if ok else {}, losses=losses, status=status,
+            error=result.get("error"), timings=timings, actor=result.get("actor"),
+            attempts=job.attempts + (0 if cached_from else 1), cached_from=cached_from,
+            num_workers=self.num_workers, asked_at=job.asked_at, finished_at=now)
+        self.run.append(record)
+        self.book.tell(job.asked.index, losses, ok)
+        self.records_by_id[job.id] = record
+        self.since_checkpoint += 1
+        if ok:
+            self.archive.add(job.id, record.scores)
+            if job.key:
+                self.cache.setdefault(job.key, record)
+        else:
+            log.warning("candidate %s failed: %s", job.id, record.error)
+        if not cached_from:
+            self.busy_s += float(timings.get("merge_s", 0.0)) + float(timings.get("eval_s", 0.0))
+        for waiter in self.waiters.pop(job.key or "", []):
+            if ok:
+                self._finish(waiter, result, cached_from=job.id)
+            else:
+                self.queue.append(waiter)  # failures are not cached: evaluate the duplicate itself
+
+    def _handle(self, ev: Event) -> None:
+        job = ev.job
+        if ev.result is None:  # actor died under it
+            job.attempts += 1
+            if job.attempts < MAX_ATTEMPTS:
+                self.queue.appendleft(job)
+                return
+            ev.result = failed_result(job, ev.actor, f"actor died {job.attempts} times while evaluating it "
+                                                     f"(last: {ev.error})")
+        self._finish(job, ev.result)
+
+    def _search_loop(self, progress: Any) -> None:
+        assert self.pool is not None
+        while self.stop_signal is None:
+            self._dispatch()
+            if not self.pool.busy():
+                if self.pool.alive() == 0:
+                    self.checkpoint("interrupted")
+                    raise EvomergeError(f"every evaluation actor died; last error: {self.pool.last_error}; "
+                                        f"resume with `evomerge resume {self.run.path}`")
+                if not self.queue and not self._can_ask():
+                    break  # budget spent; otherwise actors are restarting: keep polling
+            for ev in self.pool.poll(TICK_S):
+                self._handle(ev)
+            self._dispatch()  # free actors get work before the bookkeeping below
+            if self.since_checkpoint >= self.cfg.output.checkpoint_every:
+                self.checkpoint()
+            self._show(progress, "search")
+
+    def _batch(self, jobs: list[Job], progress: Any, phase: str) -> dict[tuple[str, str, str], dict[str, Any]]:
+        assert self.pool is not None
+        return self.pool.run_batch(jobs, should_stop=lambda: self.stop_signal is not None,
+                                   on_tick=lambda: self._show(progress, phase))
+
+    # -- references and heldout -----------------------------------------------------
+    def _references(self, records: list[Record], progress: Any) -> None:
+        done = {r.label for r in records if isinstance(r, ReferenceRecord)}
+        todo = [(label, recipe) for label, recipe in reference_recipes(self.plan) if label not in done]
+        if not todo:
+            return
+        splits = ["selection"] + (["heldout"] if self.cfg.evaluation.rescore_heldout else [])
+        jobs = [Job(Kind.REFERENCE, f"ref:{label}", recipe, split=s, label=label) for label, recipe in todo
+                for s in splits]
+        results = self._batch(jobs, progress, "references")
+        for label, recipe in todo:
+            sel = results.get((Kind.REFERENCE.value, f"ref:{label}", "selection"))
+            if sel is None:  # interrupted
+                continue
+            held = results.get((Kind.REFERENCE.value, f"ref:{label}", "heldout"))
+            held_ok = held is not None and held["status"] == Status.OK.value
+            sel_ok = sel["status"] == Status.OK.value
+            rec = ReferenceRecord(label=label, recipe=recipe, status=Status(sel["status"]),
+                                  scores=sel["scores"] if sel_ok else {},
+                                  heldout=held["scores"] if held_ok else None,
+                                  heldout_items=held.get("items") if held_ok else None,
+                                  error=sel.get("error") or (held or {}).get("error"), timings=sel.get("timings"),
+                                  finished_at=time.time())
+            self.run.append(rec)
+            log.info("reference %s: %s%s", label, rec.scores or rec.error,
+                     f" (heldout {rec.heldout})" if rec.heldout else "")
+
+    def rescore_heldout(self, progress: Any) -> dict[str, dict[str, float]]:
+        """Score front members not scored yet on the held-out split; log them and rewrite the front."""
+        assert self.pool is not None
+        todo = {i: self.records_by_id[i].recipe or {} for i in self.archive.front() if i not in self.heldout}
+        done = score_heldout(self.run, self.pool, todo, should_stop=lambda: self.stop_signal is not None,
+                             on_tick=lambda: self._show(progress, "heldout"))
+        self.heldout.update({i: rec.scores for i, rec in done.items()})
+        if todo:
+            self.write_front()
+        return {i: rec.scores for i, rec in done.items()}
+
+    # -- checkpoint -----------------------------------------------------------------
+    def write_front(self) -> None:
+        """front.json and front/<id>/ (recipe, scores, weights if asked) for the current members."""
+        members = self.archive.front()
+        self.run.write_front(self.archive, {m: self.records_by_id[m].recipe for m in members}, self.heldout,
+                             evaluations=self.book.n_told if self.book else 0)
+        if self.cfg.output.save_front_weights:
+            for eid in members:
+                out = self.run.weights_dir(eid)
+                if not (out / "config.json").is_file():
+                    self._save_weights(eid, self.records_by_id[eid].recipe or {}, out)
+
+    def _save_weights(self, eid: str, recipe: dict[str, Any], out: Path) -> None:
+        from evomerge.merge.materialise import merge_to_folder
+        from evomerge.merge.recipe import MergeRecipe
+
+        try:
+            merge_to_folder(MergeRecipe.from_dict(recipe), out, allow_pickle=self.cfg.models.allow_pickle,
+                            revision=self.cfg.models.revision)
+        except Exception as err:  # noqa: BLE001 - a failed export must not stop the search
+            log.warning("could not save weights of front member %s: %s", eid, err)
+
+    def checkpoint(self, status: str = "running") -> None:
+        assert self.book is not None
+        t0 = time.perf_counter()
+        pending = sorted({j.id: j for j in list(self.queue) + (self.pool.jobs() if self.pool else [])
+                          + [w for ws in self.waiters.values() for w in ws] if j.kind is Kind.EVALUATION}.values(),
+                         key=lambda j: j.id)
+        counters = {"status": status, "evaluations": self.book.n_told, "failed": self.book.n_failed,
+                    "asked": self.book.n_asked, "num_workers": self.num_workers, "elapsed_s": self.elapsed(),
+                    "front": self.archive.front(), "updated_at": time.time(),
+                    "pending": [{"id": j.id, "index": j.asked.index if j.asked else None, "recipe": j.recipe}
+                                for j in pending], **self.run.log_mark()}
+        self.run.save_counters(counters)
+        self.write_front()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.run, status != "running")
+        self.since_checkpoint = 0
+        log.info("checkpoint: %d evaluations (%d failed), front %d, %.2fs", self.book.n_told, self.book.n_failed,
+                 len(self.archive), time.perf_counter() - t0)
+
+    # -- display ---------------------------------------------------------------------
+    def _show(self, progress: Any, phase: str) -> None:
+        if progress is None or self.book is None:
+            return
+        best = {}
+        if len(self.archive):
+            for o in self.cfg.objectives:
+                bid = self.archive.best(o.name)
+                best[o.name] = (self.archive.scores(bid)[o.name], bid)
+        progress.update(done=self.book.n_told, failed=self.book.n_failed,
+                        in_flight=len(self.pool.jobs()) if self.pool else 0,
+                        front=len(self.archive), elapsed_s=self.elapsed(), best=best, phase=phase)
+
+    # -- signals --------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        log.warning("received %s: checkpointing and stopping (again to abort at once)", signal.Signals(signum).name)
+
+    # -- main -----------------------------------------------------------------------
+    def execute(self) -> int:
+        """Run the session; 0, 1 when every candidate of the session failed, or 128+signal when stopped."""
+        from evomerge.progress import SearchProgress
+
+        self.t0 = time.monotonic()
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in old:
+                signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread (tests, Ray Job wrappers): no handlers
+            old = {}
+        try:
+            records = self._start()
+            logged = {r.id for r in records if isinstance(r, EvaluationRecord)}
+            with SearchProgress(self.show_progress, title=f"evomerge search: {self.cfg.name}",
+                                budget=self.budget_evals, wall_clock_s=self.cfg.budget.wall_clock_s) as progress:
+                self._references(records, progress)
+                self._search_loop(progress)
+                if self.stop_signal is not None:
+                    self.checkpoint("interrupted")
+                    log.warning("search stopped after %d evaluations; continue with `evomerge resume %s`",
+                                self.book.n_told, self.run.path)
+                    return 128 + int(self.stop_signal)
+                self.checkpoint("searched")
+                if self.cfg.evaluation.rescore_heldout:
+                    self.rescore_heldout(progress)
+                session = [r for i, r in self.records_by_id.items() if i not in logged]
+                # judged on this session; a session that evaluated nothing is judged on the whole log
+                failure = all_failed_line(session or list(self.records_by_id.values()))
+                # "failed", not "done": a run that found nothing must not read as complete
+                self.checkpoint("interrupted" if self.stop_signal is not None else "failed" if failure else "done")
+                self._show(progress, "done")
+            self._summary()
+            if self.stop_signal is not None:
+                return 128 + int(self.stop_signal)
+            if failure:
+                log.error("%s", failure)
+                return 1
+            return 0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _summary(self) -> None:
+        wall = time.monotonic() - self.t0
+        n_actors = max(1, len(self.pool.actors)) if self.pool else 1
+        share = self.busy_s / (wall * n_actors) if wall > 0 else 0.0
+        log.info("finished: %d evaluations (%d failed), front %d (%s); actors busy %.0f%% of %.0fs",
+                 self.book.n_told, self.book.n_failed, len(self.archive), ", ".join(self.archive.front()),
+                 100 * share, wall)
