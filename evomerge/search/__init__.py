@@ -8,6 +8,7 @@ Modules, in the order a run meets them:
 - ``actor``: the Ray actor that keeps one live model and merges and scores recipes in place.
 - ``pool``: the driver's view of its actors (one job each, failures, restarts, time-outs).
 - ``searchbook``: the optimizer's ask/tell bookkeeping, replayable from the log.
+- ``references``: the baselines (uniform average, each source, the base), scored once per run.
 - ``loop``: the steady-state search over a run directory.
 - ``heldout``: re-scoring front members on the held-out split (search end, ``status --rescore``).
 - ``session``: one locked session on a run directory (Ray up, the loop or the re-score, Ray down).

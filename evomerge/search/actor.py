@@ -25,6 +25,8 @@ from typing import Any
 
 from evomerge.merge.dtypes import OUTPUT_DTYPES
 
+from evomerge.records import Status
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {name: name for name in OUTPUT_DTYPES}
@@ -106,7 +108,7 @@ class CandidateEvaluator:
         from evomerge.merge.recipe import MergeRecipe
 
         result: dict[str, Any] = {"id": candidate_id, "split": split, "actor": self.actor_index,
-                                  "pid": os.getpid(), "scores": {}, "status": "ok", "error": None,
+                                  "pid": os.getpid(), "scores": {}, "status": Status.OK.value, "error": None,
                                   "timings": {"merge_s": 0.0, "eval_s": 0.0}}
         stage = "merge"
         try:
@@ -133,7 +135,7 @@ class CandidateEvaluator:
                 raise ValueError(f"objective(s) {', '.join(bad)} returned NaN")
         except Exception as err:  # noqa: BLE001 - a candidate must never crash the actor
             log.warning("candidate %s failed in %s:\n%s", candidate_id, stage, traceback.format_exc())
-            result.update(status="failed", error=f"{stage}: {one_line(err)}", scores={})
+            result.update(status=Status.FAILED.value, error=f"{stage}: {one_line(err)}", scores={})
         return result
 
 

@@ -32,43 +32,19 @@ from typing import Any, Callable
 
 from evomerge.errors import EvomergeError
 from evomerge.pareto import ParetoArchive
-from evomerge.records import EvaluationRecord, HeldoutRecord, Kind, Record, ReferenceRecord, Status, UNIFORM, BASE, source_label
+from evomerge.records import EvaluationRecord, HeldoutRecord, Kind, Record, ReferenceRecord, Status
 from evomerge.rundir import RunDir
 from evomerge.search.heldout import score_heldout
 from evomerge.search.plan import SearchPlan
+from evomerge.search.references import score_references
 from evomerge.search.pool import MAX_ATTEMPTS, TICK_S, EvaluatorPool, Event, Job, failed_result
 from evomerge.search.ray_cluster import plan_actors
 from evomerge.search.searchbook import Asked, SearchBook
 
 log = logging.getLogger("evomerge.search")
 
-#: evaluate each source alone as a reference when there are at most this many
-MAX_SOURCE_REFERENCES = 8
 #: test hook: JSON of faults the actors inject (``actor._inject_fault``); never set outside tests
 FAULTS_ENV = "EVOMERGE_TEST_FAULTS"
-
-
-def reference_recipes(plan: SearchPlan) -> list[tuple[str, dict[str, Any]]]:
-    """Baselines scored once: the uniform average, each source alone (if few), the base."""
-    from evomerge.merge.recipe import GroupRecipe, MergeRecipe
-
-    cfg = plan.cfg
-    sources = [s.ref for s in plan.model_set.sources]
-    base = plan.model_set.base.ref if plan.model_set.base is not None else None
-
-    def recipe(method: str, params: dict[str, Any], weights: dict[str, float]) -> dict[str, Any]:
-        group = GroupRecipe(method=method, params=params, source_params={s: {"weight": w} for s, w in weights.items()})
-        return MergeRecipe(base=base, sources=list(sources), groups={"default": group}, seed=cfg.merge.seed,
-                           dtype=cfg.merge.dtype, compute_dtype=cfg.merge.compute_dtype,
-                           tokenizer_source=cfg.models.tokenizer_source).to_dict()
-
-    out = [(UNIFORM, recipe("linear", {"normalize": True}, {s: 1.0 for s in sources}))]
-    if 1 < len(sources) <= MAX_SOURCE_REFERENCES:
-        out += [(source_label(s), recipe("linear", {"normalize": True}, {t: float(t == s) for t in sources}))
-                for s in sources]
-    if base is not None:
-        out.append((BASE, recipe("task_arithmetic", {}, {s: 0.0 for s in sources})))
-    return out
 
 
 def all_failed_line(records: list[Record]) -> str | None:
@@ -277,37 +253,12 @@ class Search:
                 self.checkpoint()
             self._show(progress, "search")
 
-    def _batch(self, jobs: list[Job], progress: Any, phase: str) -> dict[tuple[str, str, str], dict[str, Any]]:
-        assert self.pool is not None
-        return self.pool.run_batch(jobs, should_stop=lambda: self.stop_signal is not None,
-                                   on_tick=lambda: self._show(progress, phase))
-
     # -- references and heldout -----------------------------------------------------
     def _references(self, records: list[Record], progress: Any) -> None:
+        assert self.pool is not None
         done = {r.label for r in records if isinstance(r, ReferenceRecord)}
-        todo = [(label, recipe) for label, recipe in reference_recipes(self.plan) if label not in done]
-        if not todo:
-            return
-        splits = ["selection"] + (["heldout"] if self.cfg.evaluation.rescore_heldout else [])
-        jobs = [Job(Kind.REFERENCE, f"ref:{label}", recipe, split=s, label=label) for label, recipe in todo
-                for s in splits]
-        results = self._batch(jobs, progress, "references")
-        for label, recipe in todo:
-            sel = results.get((Kind.REFERENCE.value, f"ref:{label}", "selection"))
-            if sel is None:  # interrupted
-                continue
-            held = results.get((Kind.REFERENCE.value, f"ref:{label}", "heldout"))
-            held_ok = held is not None and held["status"] == Status.OK.value
-            sel_ok = sel["status"] == Status.OK.value
-            rec = ReferenceRecord(label=label, recipe=recipe, status=Status(sel["status"]),
-                                  scores=sel["scores"] if sel_ok else {},
-                                  heldout=held["scores"] if held_ok else None,
-                                  heldout_items=held.get("items") if held_ok else None,
-                                  error=sel.get("error") or (held or {}).get("error"), timings=sel.get("timings"),
-                                  finished_at=time.time())
-            self.run.append(rec)
-            log.info("reference %s: %s%s", label, rec.scores or rec.error,
-                     f" (heldout {rec.heldout})" if rec.heldout else "")
+        score_references(self.run, self.pool, self.plan, done, should_stop=lambda: self.stop_signal is not None,
+                         on_tick=lambda: self._show(progress, "references"))
 
     def rescore_heldout(self, progress: Any) -> dict[str, dict[str, float]]:
         """Score front members not scored yet on the held-out split; log them and rewrite the front."""
