@@ -24,7 +24,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from evomerge.errors import ConfigError, read_utf8
 
 #: Parameters a search space may search, with the meaning mergekit gives them.
-SEARCHABLE_PARAMS = ("weight", "density", "epsilon", "gamma", "t", "lambda")
+SEARCHABLE_PARAMS = ("weight", "density", "epsilon", "gamma", "scale", "t", "lambda", "select_topk", "r", "alpha")
 
 #: The widest ``space.bounds`` each parameter may have, and why: bounds outside these
 #: are almost always a typo (a missing decimal point) and would waste the whole budget
@@ -34,8 +34,12 @@ PARAM_RANGES: dict[str, tuple[float, float, str]] = {
     "density": (0.0, 1.0, "it is the fraction of each task vector kept"),
     "epsilon": (0.0, 1.0, "it spreads DELLA's keep probabilities around density, a fraction"),
     "gamma": (0.0, 1.0, "it is the fraction of largest magnitudes breadcrumbs drops"),
-    "t": (0.0, 1.0, "it is slerp's interpolation fraction between base and source"),
+    "scale": (-10.0, 10.0, "it multiplies passthrough's one input; beyond that a merge is numerically meaningless"),
+    "t": (0.0, 100.0, "it is slerp's interpolation fraction (0-1) or nearswap's distance threshold"),
     "lambda": (0.0, 10.0, "it scales the merged task vector; beyond that a merge is numerically meaningless"),
+    "select_topk": (0.0, 1.0, "it is the fraction of positions SCE keeps"),
+    "r": (0.0, 10.0, "it is RAM+'s amplification per unit of shared/unique ratio"),
+    "alpha": (0.0, 10.0, "it caps the shared/unique ratio RAM+ amplifies by"),
 }
 
 #: A run name becomes the folder ``runs/<name>``: one plain path component.

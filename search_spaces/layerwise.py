@@ -8,8 +8,9 @@ Genes (an ``ng.p.Dict``; one row per *unit*, see below):
   allowed. Deterministic (argmax of the softmax weights), so a value is a pure function
   of the optimizer's standardized data and the log replays exactly on resume.
 - one bounded ``ng.p.Array`` of shape ``(units, sources)`` per per-source parameter any
-  allowed method uses (``weight``, ``density``, ``epsilon``, ``gamma``), and one of shape
-  ``(units,)`` per method-level parameter (``t`` for slerp; ``lambda`` only when
+  allowed method uses (``weight``, ``density``, ``epsilon``, ``gamma``, ``scale``), and one
+  of shape ``(units,)`` per method-level parameter (``t`` for slerp and nearswap,
+  ``select_topk`` for SCE, ``r`` and ``alpha`` for RAM+; ``lambda`` only when
   ``space.bounds`` names it, since it merely rescales the weights). Only the genes of
   the chosen method enter the recipe; the others ride along unused. Dense arrays rather
   than one scalar per gene keep nevergrad fast for thousands of genes.
@@ -56,11 +57,15 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "density": (0.1, 1.0),
     "epsilon": (0.0, 0.2),
     "gamma": (0.0, 0.1),
+    "scale": (0.0, 1.5),
     "t": (0.0, 1.0),
     "lambda": (0.5, 1.5),
+    "select_topk": (0.1, 1.0),
+    "r": (0.0, 0.5),
+    "alpha": (0.0, 1.0),
 }
 #: method-level parameters a space may search; ``lambda`` only when bounds name it.
-METHOD_LEVEL = ("t", "lambda")
+METHOD_LEVEL = ("t", "lambda", "select_topk", "r", "alpha")
 _MIN_DENSITY = 1e-6
 _EPS_MARGIN = 1e-6
 

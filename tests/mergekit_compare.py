@@ -23,43 +23,67 @@ from evomerge.merge.recipe import MergeRecipe
 #: the methods whose masks are random: compared by statistics, not bits
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
 DETERMINISTIC_METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
-                         "model_stock")
+                         "model_stock", "sce", "multislerp", "nuslerp", "karcher", "arcee_fusion", "nearswap",
+                         "passthrough", "ram", "ramplus_tl")
 ALL_METHODS = DETERMINISTIC_METHODS + RANDOM_METHODS
 #: maximum relative difference allowed for deterministic methods
 TOLERANCE = 1e-5
+#: methods that merge fewer sources than the test models have: how many they take
+SOURCES_USED = {"slerp": 1, "nuslerp": 2, "arcee_fusion": 1, "nearswap": 1, "passthrough": 1}
+#: methods whose recipes have no base model (mergekit's passthrough takes exactly one input)
+NO_BASE = {"passthrough"}
+
+
+def _u(rng: random.Random, lo: float, hi: float) -> float:
+    return round(rng.uniform(lo, hi), 4)
 
 
 def _source_params(method: str, rng: random.Random) -> dict[str, float]:
-    p: dict[str, float] = {"weight": round(rng.uniform(0.2, 1.0), 4)}
-    if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "task_arithmetic"):
-        p["density"] = round(rng.uniform(0.3, 0.8), 4)
+    """Per-source parameters of one group: every parameter the method reads, varied."""
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"):
+        p = {"weight": _u(rng, 0.2, 1.0), "density": _u(rng, 0.3, 0.8)}
+        if method.startswith("breadcrumbs"):
+            p["gamma"] = _u(rng, 0.01, 0.05)
+        return p
     if method in ("della", "della_linear"):
-        p["density"] = round(rng.uniform(0.4, 0.6), 4)
-        p["epsilon"] = round(rng.uniform(0.05, 0.15), 4)
-    if method in ("breadcrumbs", "breadcrumbs_ties"):
-        p["gamma"] = round(rng.uniform(0.01, 0.05), 4)
-    if method == "task_arithmetic":
-        p.pop("density")  # mergekit ignores density without sparsification
-    if method == "linear" or method == "slerp" or method == "model_stock":
-        p = {"weight": p["weight"]} if method == "linear" else {}
-    return p
+        return {"weight": _u(rng, 0.2, 1.0), "density": _u(rng, 0.4, 0.6), "epsilon": _u(rng, 0.05, 0.15)}
+    if method in ("task_arithmetic", "linear", "multislerp", "nuslerp"):
+        return {"weight": _u(rng, 0.2, 1.0)}
+    if method == "passthrough":
+        return {"scale": _u(rng, 0.5, 1.5)}
+    return {}  # slerp, model_stock, sce, karcher, arcee_fusion, nearswap, ram, ramplus_tl
 
 
 def _params(method: str, rng: random.Random) -> dict[str, float | bool]:
+    """Method-level parameters of one group: every parameter the method reads, varied."""
     if method == "slerp":
-        return {"t": round(rng.uniform(0.1, 0.9), 4)}
+        return {"t": _u(rng, 0.1, 0.9)}
     if method == "model_stock":
         return {"filter_wise": rng.random() < 0.5}
     if method == "linear":
         return {"normalize": True}
-    return {"lambda": round(rng.uniform(0.8, 1.2), 4)}
+    if method == "sce":
+        return {"select_topk": _u(rng, 0.2, 1.0)}
+    if method == "multislerp":
+        return {"normalize_weights": rng.random() < 0.5}
+    if method == "nuslerp":
+        return {"nuslerp_flatten": rng.random() < 0.5, "nuslerp_row_wise": rng.random() < 0.5}
+    if method == "karcher":
+        return {"max_iter": rng.choice([3, 10]), "tol": 1e-5}
+    if method == "nearswap":
+        return {"t": _u(rng, 0.001, 0.05)}
+    if method == "ramplus_tl":
+        return {"r": _u(rng, 0.05, 0.5), "alpha": _u(rng, 0.1, 0.9)}
+    if method in ("arcee_fusion", "passthrough", "ram"):
+        return {}
+    return {"lambda": _u(rng, 0.8, 1.2)}
 
 
 def per_layer_recipe(method: str, base: str, sources: list[str], num_layers: int, *, seed: int = 0,
                      split_layer: int | None = 1) -> MergeRecipe:
     """A recipe with different settings per layer (and per attn/mlp in ``split_layer``)."""
     rng = random.Random(f"{method}-{seed}")
-    srcs = sources[:1] if method == "slerp" else list(sources)
+    srcs = list(sources)[: SOURCES_USED.get(method, len(sources))]
 
     def group() -> dict:
         return {"method": method, "params": _params(method, rng),
@@ -71,7 +95,8 @@ def per_layer_recipe(method: str, base: str, sources: list[str], num_layers: int
     if split_layer is not None and split_layer < num_layers:
         groups[f"layers.{split_layer}.attn"] = group()
         groups[f"layers.{split_layer}.mlp"] = group()
-    return MergeRecipe.from_dict({"base": base, "sources": srcs, "groups": groups, "seed": seed})
+    return MergeRecipe.from_dict({"base": None if method in NO_BASE else base, "sources": srcs, "groups": groups,
+                                  "seed": seed})
 
 
 def mixed_recipe(base: str, sources: list[str], num_layers: int) -> MergeRecipe:

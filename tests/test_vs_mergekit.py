@@ -46,9 +46,11 @@ def test_deterministic_methods_match(method, tiny_models, tmp_path):
     ours, theirs = _both(recipe, tmp_path)
     assert max_rel_diff(ours, theirs) <= TOLERANCE
     # the per-layer settings matter: a uniform recipe gives a clearly different model
-    uniform = recipe.model_copy(update={"groups": {"default": recipe.groups["default"]}})
-    flat = load_folder(merge_to_folder(uniform, tmp_path / "uniform"))
-    assert max_rel_diff(flat, theirs) > 1e-3
+    # (methods with nothing to vary per layer - arcee_fusion, ram - have one setting)
+    if any(g != recipe.groups["default"] for g in recipe.groups.values()):
+        uniform = recipe.model_copy(update={"groups": {"default": recipe.groups["default"]}})
+        flat = load_folder(merge_to_folder(uniform, tmp_path / "uniform"))
+        assert max_rel_diff(flat, theirs) > 1e-3
 
 
 def test_mixed_methods_match_through_mergekit_multi(tiny_models, tmp_path):

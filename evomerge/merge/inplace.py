@@ -211,7 +211,7 @@ class InPlaceMerger:
                         continue
                     merged = methods.merge_tensor(plan.method, base, deltas, plan.source_params, plan.params,
                                           seed=recipe.seed, tensor_name=e.name, prepared=prepared,
-                                          workspace=self._workspace)
+                                          workspace=self._workspace, has_base=self.model_set.base is not None)
                     if out_dtype != e.target.dtype and out_dtype != merged.dtype:
                         merged = merged.to(out_dtype)  # round as the exported file would, then widen
                     e.target.copy_(merged)

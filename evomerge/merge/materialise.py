@@ -244,7 +244,8 @@ def _merge_one(name: str, recipe: MergeRecipe, model_set: "ModelSet", srcs: list
         deltas[i].copy_(src.get_tensor(name))
         if model_set.base is not None:
             deltas[i].sub_(base)
-    return merge_tensor(gp.method, base, deltas, gp.source_params, gp.params, seed=recipe.seed, tensor_name=name)
+    return merge_tensor(gp.method, base, deltas, gp.source_params, gp.params, seed=recipe.seed, tensor_name=name,
+                        has_base=model_set.base is not None)
 
 
 def merge_to_folder(recipe: MergeRecipe, out_dir: str | Path, *, max_shard_size: str | int = "2GB",

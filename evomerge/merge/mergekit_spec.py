@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 
 REQUIRED = object()  # a parameter mergekit insists on (no default)
 #: Parameters whose values are true/false.
-BOOL_PARAMS = {"normalize", "rescale", "filter_wise", "int8_mask"}
+BOOL_PARAMS = {"normalize", "rescale", "filter_wise", "int8_mask", "normalize_weights", "nuslerp_flatten",
+               "nuslerp_row_wise"}
 #: Accepted on import and dropped, never written: they do not change the merged numbers.
 IGNORED_SHARED = {"int8_mask"}
 #: mergekit's order of parameters (the order a YAML lists them in).
-_ORDER = ("weight", "density", "gamma", "epsilon", "normalize", "rescale", "lambda", "t", "filter_wise")
+_ORDER = ("weight", "density", "gamma", "epsilon", "scale", "normalize", "rescale", "lambda", "t", "filter_wise",
+          "select_topk", "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "r", "alpha")
 
 
 @dataclass(frozen=True)

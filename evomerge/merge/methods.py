@@ -61,6 +61,10 @@ PerSource = Annotated[Sequence[float], PER_SOURCE]
 _SEEDS_ARG = "seeds"
 #: Keyword a method that reuses scratch memory receives (a :class:`Scratch`).
 _SCRATCH_ARG = "scratch"
+#: Keyword a method that means something else with and without a base receives (multislerp and
+#: nuslerp mix task vectors when there is a base, the models themselves when not): without a
+#: base the caller passes zeros as ``base``, which a method cannot tell from a real base of zeros.
+_HAS_BASE_ARG = "has_base"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class MergeMethod:
     ignored_defaults: Mapping[str, float | bool] = field(default_factory=dict)
     #: ``fn`` takes ``scratch=`` (a :class:`Scratch`: reusable buffers, presorted orders).
     takes_scratch: bool = False
+    #: ``fn`` takes ``has_base=`` (whether ``base`` is a real base model or the zeros of a base-less recipe).
+    takes_has_base: bool = False
 
     def is_bool(self, param: str) -> bool:
         return isinstance(self.params.get(param), bool)
@@ -114,7 +120,7 @@ def method_from_signature(
     source_params: dict[str, float] = {}
     params: dict[str, float | bool] = {}
     for p in inspect.signature(fn).parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in (_SEEDS_ARG, _SCRATCH_ARG):
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in (_SEEDS_ARG, _SCRATCH_ARG, _HAS_BASE_ARG):
             continue
         public = p.name.rstrip("_")  # lambda_ -> lambda
         if p.default is inspect.Parameter.empty:
@@ -136,6 +142,7 @@ def method_from_signature(
         summary=(inspect.getdoc(fn) or "").split("\n")[0],
         required=frozenset(required),
         takes_scratch=_SCRATCH_ARG in inspect.signature(fn).parameters,
+        takes_has_base=_HAS_BASE_ARG in inspect.signature(fn).parameters,
     )
 
 
@@ -306,8 +313,12 @@ def merge_tensor(
     tensor_name: str,
     prepared: PreparedDeltas | None = None,
     workspace: Workspace | None = None,
+    has_base: bool = True,
 ) -> Tensor:
     """Merge one tensor: ``base`` (shape S), ``deltas`` (N, *S) -> merged tensor (S).
+
+    ``has_base``: False for a recipe without a base model (``base`` is then zeros and the
+    deltas are the sources themselves).
 
     ``source_params[p]`` is one value per source (a 1-D tensor, a sequence, or a scalar
     for all); pass Python floats or float64 tensors, since density counts are
@@ -337,6 +348,8 @@ def merge_tensor(
                 o.numel() != base.numel() for o in prepared.orders)):
             raise ValueError(f"{tensor_name}: prepared deltas do not match the deltas' sources or size")
         kwargs[_SCRATCH_ARG] = Scratch(workspace or Workspace(), prepared.orders if prepared is not None else None)
+    if m.takes_has_base:
+        kwargs[_HAS_BASE_ARG] = has_base
     return m.fn(base, deltas, **kwargs)
 
 
