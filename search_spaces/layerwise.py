@@ -33,7 +33,7 @@ linear/ties families normalise by the weight sum anyway, while task_arithmetic a
 DARE/breadcrumbs families (normalize false in mergekit) give base + mean(task vectors).
 
 Validity adjustments in ``to_recipe`` (so any in-bounds genome is a valid recipe):
-density is at least 1e-6; DELLA's epsilon is reduced to keep density +/- epsilon in
+density and SCE's select_topk are at least 1e-6; DELLA's epsilon is reduced to keep density +/- epsilon in
 (0, 1), as mergekit requires (unless density is 1: nothing is pruned then).
 """
 
@@ -197,10 +197,15 @@ class LayerwiseSpace(SearchSpace):
         groups: dict[str, GroupRecipe] = {}
         for u, (unit, method) in enumerate(zip(self.units, self.unit_methods(value))):
             info = self.info[method]
-            params: dict[str, float | bool] = {k: v for k, v in self.fixed.items() if k in info.params}
+            # a bound fixes a gene: at method level only METHOD_LEVEL's (DELLA's per-source
+            # epsilon bound must not become RAM's method-level epsilon threshold)
+            params: dict[str, float | bool] = {k: v for k, v in self.fixed.items() if k in info.params
+                                               and (k in METHOD_LEVEL or k in self.cfg.merge.params)}
             for p in self.method_genes:
                 if p in info.params:
                     params[p] = float(arrays[p][u])
+            if "select_topk" in self.method_genes and "select_topk" in params:  # bounds may start at 0
+                params["select_topk"] = max(params["select_topk"], _MIN_DENSITY)
             source_params: dict[str, dict[str, float]] = {}
             for j, src in enumerate(self.sources):
                 sp = {k: float(v) for k, v in self.fixed.items() if k in info.source_params}

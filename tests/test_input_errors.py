@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import yaml
 
-import evomerge.cli.search_commands as commands
 import evomerge.search.ray_cluster as ray_cluster
 from evomerge.cli import main
 from evomerge.config import load_config, parse_config
@@ -124,9 +123,9 @@ _RANGE = "keep both bounds within it"
     ("{gamma: [-0.1, 0.5]}",
      f"gamma: bounds [-0.1, 0.5] leave the range [0, 1] (it is the fraction of largest magnitudes breadcrumbs "
      f"drops); {_RANGE}"),
-    ("{t: [0.2, 1.2]}",
-     f"t: bounds [0.2, 1.2] leave the range [0, 1] (it is slerp's interpolation fraction between base and "
-     f"source); {_RANGE}"),
+    ("{t: [0.2, 120]}",
+     f"t: bounds [0.2, 120] leave the range [0, 100] (it is slerp's interpolation fraction (0-1) or nearswap's "
+     f"distance threshold); {_RANGE}"),
     ("{lambda: [0.5, 11]}",
      f"lambda: bounds [0.5, 11] leave the range [0, 10] (it scales the merged task vector; beyond that a merge "
      f"is numerically meaningless); {_RANGE}"),

@@ -43,7 +43,9 @@ LLAMA_TENSORS = (
 
 
 def _n_sources(method: str) -> list[str]:
-    return SOURCES[:1] if method == "slerp" else SOURCES
+    if method == "nuslerp":  # mergekit's nuslerp takes exactly two models
+        return SOURCES[:2]
+    return SOURCES[:1] if method in ("slerp", "arcee_fusion", "nearswap", "passthrough") else SOURCES
 
 
 def _full_group(method: str, rng: random.Random) -> dict:
@@ -51,8 +53,10 @@ def _full_group(method: str, rng: random.Random) -> dict:
     spec = MERGEKIT_METHODS[method]
     params: dict = {}
     for p in spec.shared:
-        if p in ("normalize", "rescale", "filter_wise"):
+        if p in ("normalize", "rescale", "filter_wise") or isinstance(spec.shared[p], bool):
             params[p] = rng.random() < 0.5
+        elif p == "max_iter":  # an int in mergekit
+            params[p] = rng.randint(1, 20)
         elif p == "t":
             params[p] = round(rng.uniform(0, 1), 6)
         else:  # lambda
@@ -83,7 +87,8 @@ def per_layer_recipe(method: str, seed: int = 0) -> MergeRecipe:
     groups["layers.1.attn"] = _full_group(method, rng)
     groups["layers.2.mlp"] = _full_group(method, rng)
     groups["layers.3.norm"] = _full_group(method, rng)
-    return MergeRecipe.from_dict({"base": BASE, "sources": _n_sources(method), "groups": groups, "seed": 7})
+    base = None if method == "passthrough" else BASE  # mergekit's passthrough takes one input, no base
+    return MergeRecipe.from_dict({"base": base, "sources": _n_sources(method), "groups": groups, "seed": 7})
 
 
 def assert_equivalent(a: MergeRecipe, b: MergeRecipe, n_layers: int = N_LAYERS) -> None:
@@ -129,9 +134,9 @@ def test_export_gives_mergekit_exact_parameters(method: str) -> None:
         for s in recipe.sources:
             for p in spec.per_input:
                 assert per[s][p] == grp.source_params[s][p], (name, s, p)
-        if spec.uses_base:
+        if spec.uses_base or spec.base_optional:
             assert BASE not in per or not per[BASE]  # base gets no non-base parameters
-        else:  # linear: the base is an input of weight exactly 0
+        elif recipe.base is not None:  # linear: the base is an input of weight exactly 0
             assert per[BASE] == {"weight": 0.0}
 
 
@@ -143,7 +148,8 @@ def test_round_trip_each_method(method: str) -> None:
     assert_equivalent(recipe, back)
     assert back.seed == 7
     doc = yaml.safe_load(text)
-    assert doc["base_model"] == BASE and doc["slices"][0]["sources"][-1]["model"] == BASE
+    if recipe.base is not None:
+        assert doc["base_model"] == BASE and doc["slices"][0]["sources"][-1]["model"] == BASE
     # and again: the YAML of the imported recipe is a fixed point
     assert from_mergekit_yaml(to_mergekit_yaml(back, N_LAYERS, "llama")).to_dict() == back.to_dict()
 
@@ -289,7 +295,8 @@ base_model: m1
     [
         ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: "
          "[{filter: q_proj, value: 1}, {value: 0.5}]}}]\n", "layer count is unknown"),
-        ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n", "no mergekit equivalent"),
+        ("merge_method: frankenmerge\nslices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n",
+         "no mergekit equivalent"),
         ("merge_method: linear\nslices:\n - sources: [{model: a, layer_range: [0, 2]}]\n"
          " - sources: [{model: a, layer_range: [1, 3]}]\n", "move or repeat layers"),
         ("merge_method: linear\nmodules: {text: {models: [{model: a}]}}\n", "modules"),

@@ -312,7 +312,7 @@ def test_rng_same_bits_on_cpu_and_gpu():
 def test_inputs_are_not_modified_and_bf16_stays_bf16(name):
     g = torch.Generator().manual_seed(1)
     base32 = torch.randn(16, 12, generator=g)
-    n = 1 if name == "slerp" else 2
+    n = 1 if name in ("slerp", "arcee_fusion", "nearswap", "passthrough") else 2
     deltas32 = 0.1 * torch.randn(n, 16, 12, generator=g)
     base, deltas = base32.bfloat16(), deltas32.bfloat16()
     base_copy, deltas_copy = base.clone(), deltas.clone()
@@ -321,7 +321,9 @@ def test_inputs_are_not_modified_and_bf16_stays_bf16(name):
     out = merge(name, base, deltas, sp)
     assert torch.equal(base, base_copy) and torch.equal(deltas, deltas_copy)
     assert out.dtype == torch.bfloat16 and out.shape == base.shape
-    if not m.random:  # same math in float32 on the same (bf16-representable) inputs
+    # same math in float32 on the same (bf16-representable) inputs; arcee_fusion's importance is
+    # computed in the compute dtype (as mergekit's), so bf16 rounding moves entries across its hard threshold
+    if not m.random and name != "arcee_fusion":
         ref = merge(name, base.float(), deltas.float(), sp)
         assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
 

@@ -59,7 +59,7 @@ def test_parameter_names_and_defaults_match_mergekit(name):
     for key, default in exposed.items():
         scope = theirs[key].scope.value
         assert (scope != "shared") == (key in ours.source_params), key
-        if not theirs[key].required:
+        if not theirs[key].required and theirs[key].default is not None:  # passthrough's scale: None = 1 here
             assert theirs[key].default == default, key
     assert ours.paper == spec.reference_url
 

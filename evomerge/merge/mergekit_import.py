@@ -279,7 +279,7 @@ def _import_doc(doc: dict[str, Any], base_dir: Path | None, seed: int,
         n = 1  # scalar settings only: one representative layer
         slices[0].end = 1
     all_models = slices[0].models
-    if spec.uses_base:
+    if spec.uses_base or spec.base_optional:  # the base is the base, never a weighted source
         sources = [m for m in all_models if m != base]
     else:
         sources = list(all_models)

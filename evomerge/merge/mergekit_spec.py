@@ -31,6 +31,10 @@ BOOL_PARAMS = {"normalize", "rescale", "filter_wise", "int8_mask", "normalize_we
                "nuslerp_row_wise"}
 #: Accepted on import and dropped, never written: they do not change the merged numbers.
 IGNORED_SHARED = {"int8_mask"}
+#: Methods that merge with or without a base: given ``base_model``, mergekit takes it as the
+#: base (multislerp, nuslerp: task vectors; karcher: one more model in the mean), never as a
+#: weighted source. Export names it without per-model parameters; import keeps it out of the sources.
+BASE_OPTIONAL = {"multislerp", "nuslerp", "karcher"}
 #: mergekit's order of parameters (the order a YAML lists them in).
 _ORDER = ("weight", "density", "gamma", "epsilon", "scale", "normalize", "rescale", "lambda", "t", "filter_wise",
           "select_topk", "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "r", "alpha")
@@ -44,6 +48,7 @@ class MethodSpec:
     per_input: Mapping[str, Any]  # per-model parameters -> default (or REQUIRED)
     shared: Mapping[str, Any]  # method-level parameters -> default (or REQUIRED)
     uses_base: bool
+    base_optional: bool = False  # see BASE_OPTIONAL
 
 
 def method_spec(m: "MergeMethod") -> MethodSpec:
@@ -56,7 +61,7 @@ def method_spec(m: "MergeMethod") -> MethodSpec:
         return {k: (REQUIRED if k in m.required else table[k]) for k in order}
 
     return MethodSpec(m.name, view(m.source_params, m.ignored_source_params), view(m.params, m.ignored_params),
-                      m.uses_base)
+                      m.uses_base, m.name in BASE_OPTIONAL)
 
 
 class _MergekitMethods(Mapping[str, MethodSpec]):

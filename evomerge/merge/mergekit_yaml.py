@@ -151,9 +151,15 @@ def _method_doc(
             raise RecipeError(f"recipe uses {method}, which needs a base model; set the recipe's base")
         doc["base_model"] = recipe.base
         entries.append({"model": recipe.base, "layer_range": [0, num_layers]})
-    elif recipe.base is not None and recipe.base not in recipe.sources:
+    elif spec.base_optional and recipe.base is not None:
+        # multislerp/nuslerp/karcher: mergekit uses the base as evomerge does (listed last, as
+        # mergekit appends an unlisted base); without a base both merge the sources alone
+        doc["base_model"] = recipe.base
+        entries.append({"model": recipe.base, "layer_range": [0, num_layers]})
+    elif recipe.base is not None and recipe.base not in recipe.sources and "weight" in spec.per_input:
         # linear ignores the base, but keep it named (config/tokenizer come from it): as an
-        # input of weight 0, which adds exactly 0 to the weighted sum
+        # input of weight 0, which adds exactly 0 to the weighted sum. (passthrough has no
+        # weight and mergekit's takes one input, so its base is left out: it ignores it anyway.)
         doc["base_model"] = recipe.base
         entries.append({"model": recipe.base, "layer_range": [0, num_layers], "parameters": {"weight": 0}})
     doc["slices"] = [{"sources": entries}]

@@ -13,8 +13,9 @@ filter_wise) with mergekit 0.1.5's defaults; the two parameters mergekit require
 
 * the task-arithmetic family (task_arithmetic, ties, dare_*, breadcrumbs*, della*): one
   data row each in :mod:`evomerge.merge.family`, merged by :mod:`evomerge.merge.gta`;
-* linear, slerp, model_stock: :mod:`evomerge.merge.whole_model`, where each function's
-  signature is its table (:func:`method_from_signature`).
+* linear, slerp, model_stock, passthrough: :mod:`evomerge.merge.whole_model`, where each
+  function's signature is its table (:func:`method_from_signature`);
+* sce, arcee_fusion, nearswap (per-position selection): :mod:`evomerge.merge.selection`.
 
 The registry maps names to ``"module:attribute"`` strings (:class:`evomerge.registry.Registry`),
 so listing or checking names imports no method module; ``merge_tensor`` fills in defaults,
@@ -61,9 +62,10 @@ PerSource = Annotated[Sequence[float], PER_SOURCE]
 _SEEDS_ARG = "seeds"
 #: Keyword a method that reuses scratch memory receives (a :class:`Scratch`).
 _SCRATCH_ARG = "scratch"
-#: Keyword a method that means something else with and without a base receives (multislerp and
-#: nuslerp mix task vectors when there is a base, the models themselves when not): without a
+#: Keyword a method that means something else with and without a base receives (karcher: a real
+#: base is one more model in the mean, the zeros of a base-less recipe must not be): without a
 #: base the caller passes zeros as ``base``, which a method cannot tell from a real base of zeros.
+#: (multislerp and nuslerp need no flag: slerping the deltas and adding ``base`` back is right both ways.)
 _HAS_BASE_ARG = "has_base"
 
 
@@ -158,6 +160,15 @@ REGISTRY: Registry[MergeMethod] = Registry(
         "linear": "evomerge.merge.whole_model:LINEAR",
         "slerp": "evomerge.merge.whole_model:SLERP",
         "model_stock": "evomerge.merge.whole_model:MODEL_STOCK",
+        "passthrough": "evomerge.merge.whole_model:PASSTHROUGH",
+        "sce": "evomerge.merge.selection:SCE",
+        "arcee_fusion": "evomerge.merge.selection:ARCEE_FUSION",
+        "nearswap": "evomerge.merge.selection:NEARSWAP",
+        "multislerp": "evomerge.merge.spherical:MULTISLERP",
+        "nuslerp": "evomerge.merge.spherical:NUSLERP",
+        "karcher": "evomerge.merge.spherical:KARCHER",
+        "ram": "evomerge.merge.ram:RAM",
+        "ramplus_tl": "evomerge.merge.ram:RAMPLUS_TL",
     },
     error=MethodError,
 )
@@ -221,10 +232,22 @@ def check_methods_usable(names: Sequence[str], n_sources: int, has_base: bool, w
 def _source_count_rule(method: MergeMethod) -> str:
     lo, hi = method.min_sources, method.max_sources
     if hi == lo:
-        return f"merges the base with exactly {lo} source{'s' if lo != 1 else ''}"
+        with_base = "the base with " if method.uses_base else ""
+        return f"merges {with_base}exactly {lo} source{'s' if lo != 1 else ''}"
     if hi is None:
         return f"needs at least {lo} source{'s' if lo != 1 else ''}"
     return f"needs {lo} to {hi} sources"
+
+
+#: Method-level parameters that mean nothing below 0, and why (RAM's ``epsilon`` threshold is
+#: method-level; DELLA's per-source ``epsilon`` is checked with the per-source values below).
+NON_NEGATIVE_PARAMS = {
+    "epsilon": "the magnitude a change must exceed to count as one",
+    "r": "how strongly RAM+ amplifies unique changes",
+    "alpha": "the cap on the shared/unique ratio RAM+ amplifies by",
+    "eps": "multislerp's guard against dividing by a zero norm",
+    "tol": "karcher's threshold below which norms, angles and steps count as zero",
+}
 
 
 def check_params(
@@ -254,6 +277,15 @@ def check_params(
                 raise MethodError(f"{where}: {m.name} parameter {key!r} must be true or false, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise MethodError(f"{where}: {m.name} parameter {key!r} must be a finite number, got {value!r}")
+        elif key in NON_NEGATIVE_PARAMS and value < 0:
+            raise MethodError(f"{where}: {m.name} parameter {key!r} is {value:g}; it must be >= 0 "
+                              f"({NON_NEGATIVE_PARAMS[key]})")
+        elif key == "max_iter" and (value < 0 or value != int(value)):
+            raise MethodError(f"{where}: {m.name} parameter 'max_iter' is {value:g}; it must be a whole number >= 0 "
+                              f"(the most Karcher-mean steps)")
+        elif key == "select_topk" and not 0.0 < value <= 1.0:
+            raise MethodError(f"{where}: {m.name} select_topk is {value:g}; it must lie in (0, 1] "
+                              f"(the fraction of highest-variance positions kept)")
 
     values = {k: [float(x) for x in v] for k, v in source_params.items() if k in m.source_params}
     for key, vals in values.items():

@@ -1,4 +1,5 @@
-"""Whole-model methods: linear, slerp and model_stock mix the sources themselves, not thinned deltas.
+"""Whole-model methods: linear, slerp and model_stock mix the sources themselves, not thinned
+deltas; passthrough copies its one source (optionally scaled).
 
 Each rebuilds ``source_i = base + delta_i`` (so the base's own values count as mergekit's
 do) and, as mergekit does, accumulates in at least float32, returning the compute dtype.
@@ -99,9 +100,25 @@ def model_stock(base: Tensor, deltas: Tensor, *, filter_wise: bool = False) -> T
     return (t * average + (1 - t) * w0).reshape(base.shape).to(base.dtype)
 
 
+def passthrough(base: Tensor, deltas: Tensor, *, scale: PerSource = 1.0, has_base: bool = True) -> Tensor:
+    """The one source, times its ``scale``; a base model takes no part.
+
+    Why it exists: mergekit uses it to copy (and rescale) one model's tensors, e.g. to
+    stitch layers of a model into another recipe. mergekit 0.1.5 takes at most one input
+    and multiplies it by ``scale`` when given (default: none, i.e. 1 here, which returns
+    the source unchanged). Unlike the other methods here it works in the compute dtype,
+    as mergekit's single multiply does. With a base the source is rebuilt as
+    ``base + delta``; without one it is the delta itself, bit for bit.
+    """
+    source = base + deltas[0] if has_base else deltas[0].clone()
+    return source if scale[0] == 1.0 else source.mul_(scale[0])
+
+
 LINEAR = method_from_signature(linear, "linear", paper="https://arxiv.org/abs/2203.05482", uses_base=False,
                                required=("weight",))
 SLERP = method_from_signature(slerp, "slerp", paper="https://en.wikipedia.org/wiki/Slerp", min_sources=1,
                               max_sources=1, required=("t",))
 MODEL_STOCK = method_from_signature(model_stock, "model_stock", paper="https://arxiv.org/abs/2403.19522",
                                     min_sources=2)
+PASSTHROUGH = method_from_signature(passthrough, "passthrough", paper=None, uses_base=False, min_sources=1,
+                                    max_sources=1)
