@@ -411,3 +411,20 @@ def test_merge_refuses_a_folder_with_foreign_files_but_rewrites_an_earlier_merge
     blocker.write_text("x")
     assert main(["merge", str(path), "--out", str(blocker / "sub")]) == 2
     assert f"{blocker} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["sce", "multislerp", "nuslerp", "karcher", "arcee_fusion", "nearswap",
+                                    "passthrough", "ram", "ramplus_tl"])
+def test_new_methods_agree_inplace_vs_export(tiny_models, merged, tmp_path, method):
+    """The search's in-place hot path and the exported folder give the same bits for every method
+    added for mergekit parity, on per-layer recipes (the search's model set has a base: a
+    passthrough candidate carries it, as the space writes it)."""
+    from mergekit_compare import per_layer_recipe
+
+    from evomerge.merge.materialise import merge_to_folder
+
+    recipe = per_layer_recipe(method, tiny_models.base_ref, tiny_models.source_refs, 4)
+    recipe = recipe.model_copy(update={"base": tiny_models.base_ref})
+    merged.merger.apply(recipe)
+    _assert_bitwise(merged.model, _files_state(merge_to_folder(recipe, tmp_path / method)))
+    merged.merger.apply(merged.recipe)
