@@ -404,3 +404,26 @@ def test_check_space_restricted_methods(methods, n, base, match):
     with pytest.raises(ConfigError, match=match) as err:
         check_space(cfg, _model_set(n, base))
     one_line(err)
+
+
+def test_a_mixed_recipe_with_passthrough_round_trips_through_mergekit_multi():
+    """passthrough's per-method document carries no base_model (mergekit's passthrough takes one
+    input); the import takes the base from the other documents, so the recipe comes back equal."""
+    from evomerge.merge.groups import LAYOUTS_BY_MODEL_TYPE
+    from evomerge.merge.mergekit_import import from_mergekit_yaml
+    from evomerge.merge.mergekit_yaml import to_mergekit_yaml
+    from evomerge.merge.recipe import MergeRecipe
+
+    recipe = MergeRecipe.from_dict({
+        "base": "/m/base", "sources": ["/m/a"],
+        "groups": {"default": {"method": "slerp", "params": {"t": 0.25}},
+                   "layers.1": {"method": "passthrough", "source_params": {"/m/a": {"scale": 0.5}}},
+                   "lm_head": {"method": "nearswap", "params": {"t": 0.01}}}})
+    text = to_mergekit_yaml(recipe, 4, LAYOUTS_BY_MODEL_TYPE["llama"])
+    from evomerge.merge.groups import leaf_keys
+    from evomerge.merge.mergekit_spec import resolved_group
+
+    back = from_mergekit_yaml(text)
+    assert back.base == "/m/base" and back.sources == ["/m/a"]
+    # the same settings on every leaf group (the group keys may be compressed differently)
+    assert [resolved_group(back, k) for k in leaf_keys(4)] == [resolved_group(recipe, k) for k in leaf_keys(4)]

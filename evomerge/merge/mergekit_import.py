@@ -463,6 +463,12 @@ def _import_multi(docs: list[Any], base_dir: Path | None, seed: int) -> MergeRec
     # read the selector's weights per leaf as a plain linear doc over the intermediates' names
     sel, _ = _import_doc(final, None, seed, n)
     first = next(iter(parts.values()))
+    # passthrough's document has no base_model (mergekit's passthrough takes one input): the
+    # others name the recipe's base, and they must agree on it
+    bases = {r.base for r in parts.values() if r.base is not None}
+    if len(bases) > 1:
+        raise RecipeError("mergekit-multi YAML: the per-method merges must use the same base and models")
+    base = next(iter(bases), None)
     leaf_groups: dict[str, tuple] = {}
     for leaf in leaf_keys(n):
         _, _, sp = resolved_group(sel, leaf)
@@ -470,16 +476,16 @@ def _import_multi(docs: list[Any], base_dir: Path | None, seed: int) -> MergeRec
         if len(chosen) != 1 or any(p["weight"] not in (0.0, 1.0) for p in sp.values()):
             raise RecipeError(f"mergekit-multi YAML: group {leaf} is not selected from exactly one merge (weights 0/1)")
         r = parts[chosen[0]]
-        if r.sources != first.sources or r.base != first.base:
+        if r.sources != first.sources or r.base not in (None, base):
             raise RecipeError("mergekit-multi YAML: the per-method merges must use the same base and models")
         method, params, srcp = resolved_group(r, leaf)
         leaf_groups[leaf] = (method, _freeze(params, srcp))
     groups = _fewest_groups(leaf_groups, n, lambda v: _thaw(*v))  # settings with their method
     dtype = final.get("out_dtype") or final.get("dtype") or first.dtype
     return MergeRecipe.from_dict(
-        {"base": first.base, "sources": first.sources, "groups": groups, "seed": seed,
+        {"base": base, "sources": first.sources, "groups": groups, "seed": seed,
          "dtype": str(dtype), "compute_dtype": first.compute_dtype,
-         **({"tokenizer_source": _tok(final["tokenizer_source"], first.base, base_dir)}
+         **({"tokenizer_source": _tok(final["tokenizer_source"], base, base_dir)}
             if final.get("tokenizer_source") else {})}
     )
 
