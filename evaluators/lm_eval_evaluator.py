@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -65,6 +66,16 @@ class RunSpec:
         limit = heldout_limit(obj) if heldout and items == "sample" else obj.limit
         count = heldout_limit(obj) if heldout and items == "complement" else None
         return cls(task, items, limit, obj.seed, obj.num_fewshot, obj.batch_size, obj.apply_chat_template, gk, count)
+
+
+def code_execution_allowed() -> bool:
+    """Whether tasks that execute model-written code (mbpp, humaneval) may run.
+
+    The consent is ``HF_ALLOW_CODE_EVAL=1``, the variable their ``code_eval`` metric already
+    demands: one switch, read by the config check and passed to lm-eval as
+    ``confirm_run_unsafe_code`` (without it lm-eval refuses such a task inside the actor).
+    """
+    return os.environ.get("HF_ALLOW_CODE_EVAL", "").strip() == "1"
 
 
 def heldout_limit(obj: ObjectiveConfig) -> int | None:
@@ -179,6 +190,11 @@ class LmEvalEvaluator:
                     )
                 if e.yaml_path is not None and ti.is_local(e, paths):
                     ti.check_data_files(task, e)
+                if ti.unsafe_code(e) and not code_execution_allowed():
+                    raise EvaluatorError(
+                        f"{where}: task {task!r} runs the code the model writes (unsafe_code); set "
+                        f"HF_ALLOW_CODE_EVAL=1 where the search runs to allow it (preferably in a sandbox)"
+                    )
             for task, metric, _ in _objective_tasks(obj):
                 LmEvalEvaluator._check_metric(where, task, metric, ti.entry(manager, task))
 
@@ -390,6 +406,7 @@ class LmEvalEvaluator:
                 limit=None,
                 bootstrap_iters=0,
                 log_samples=samples,
+                confirm_run_unsafe_code=code_execution_allowed(),
                 apply_chat_template=spec.apply_chat_template,
                 fewshot_as_multiturn=spec.apply_chat_template,
             )

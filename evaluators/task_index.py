@@ -188,13 +188,31 @@ def known_metrics(entry_: Any) -> tuple[dict[str, bool | None], list[str]] | Non
         metrics = {}
         for m in metric_list:
             if isinstance(m, dict) and isinstance(m.get("metric"), str):
+                name = function_metric_name(m["metric"])
                 hib = m.get("higher_is_better")
-                metrics[m["metric"]] = hib if hib is not None else _quiet(is_higher_better, m["metric"])
+                metrics[name] = hib if hib is not None else _quiet(is_higher_better, name)
     else:
         out = cfg.get("output_type", "generate_until")
         metrics = {m: _quiet(is_higher_better, m) for m in DEFAULT_METRIC_REGISTRY.get(out, [])}
     filters = [f.get("name", "none") for f in cfg.get("filter_list") or [] if isinstance(f, dict)] or ["none"]
     return metrics, filters
+
+
+def function_metric_name(metric: str) -> str:
+    """The name lm-eval reports for a metric, also for a ``!function utils.pass_at_1`` metric.
+
+    The index reads YAMLs without importing their functions, so such a metric arrives as
+    the path ``<task folder>/utils.pass_at_1``; lm-eval names the result after the
+    function (``pass_at_1``), and so must the config check (mbpp, humaneval).
+    """
+    if "/" in metric or "\\" in metric:
+        return metric.rsplit(".", 1)[-1]
+    return metric
+
+
+def unsafe_code(entry_: Any) -> bool:
+    """True for a task that runs the model's code (``unsafe_code: true``: mbpp, humaneval)."""
+    return bool((entry_.cfg or {}).get("unsafe_code")) if entry_ is not None else False
 
 
 def _quiet(fn: Any, *args: Any) -> Any:

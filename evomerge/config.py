@@ -247,7 +247,15 @@ class RayConfig(_Strict):
     object_store_memory: Int | None = Field(None, description="Bytes, for the embedded local Ray.")
     max_restarts: Int = Field(3, ge=0)
     eval_timeout_s: Float | None = Field(None, gt=0)
-    task_vectors_on: Literal["device", "host"] = "device"
+    task_vectors_on: Literal["device", "host"] = Field(
+        "device", description="Kept for older configs: 'host' is memory_mode 'host' on GPU actors.")
+    memory_mode: Literal["auto", "resident_sorted", "resident", "host", "streaming"] = Field(
+        "auto", description="Where each actor keeps the task vectors; auto: the fastest that fits "
+        "(evomerge.merge.memory_plan).")
+    actor_memory_gb: Float | None = Field(
+        None, gt=0, description="Memory one actor may use (GPU memory on GPU actors, host memory on CPU); "
+        "default: what is free when it starts. Also requested from Ray, so actors are not packed too tight.")
+    eval_headroom_gb: Float = Field(1.0, ge=0, description="Memory kept free for evaluation (activations).")
 
 
 class OutputConfig(_Strict):

@@ -43,6 +43,10 @@ class RunDirError(EvomergeError):
     """A run directory is missing, corrupt, or holds a different search."""
 
 
+class MemoryPlanError(EvomergeError):
+    """No residency mode of the merge fits the memory available (``evomerge.merge.memory_plan``)."""
+
+
 def read_utf8(path: str | os.PathLike[str], error: type[EvomergeError] = EvomergeError) -> str:
     """The text of a user-supplied file, or one line (``error``) saying why it cannot be read.
 

@@ -41,9 +41,10 @@ DRIVER_LOG = "driver.log"
 REPORT_PNG = "report.png"
 COUNTERS = "counters.json"
 IDENTITY = "identity.json"
+MEMORY_PLAN = "memory_plan.json"
 #: every entry the run writes; --overwrite removes exactly these, nothing else (never LOCK:
 #: the overwriting command holds it while it clears the rest).
-RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG, IDENTITY)
+RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG, IDENTITY, MEMORY_PLAN)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -327,6 +328,23 @@ class RunDir:
                 if weights.is_dir() and not weights.is_symlink():
                     shutil.rmtree(weights)
                     fsync_dir(d)
+
+    # -- memory plan ---------------------------------------------------------------------
+    @property
+    def memory_plan_path(self) -> Path:
+        return self.path / MEMORY_PLAN
+
+    def save_memory_plan(self, record: Mapping[str, Any]) -> None:
+        """memory_plan.json: the session's residency plan per actor (``search.memory``), for ``status``."""
+        atomic_write(self.memory_plan_path, json_text(dict(record)))
+
+    def load_memory_plan(self) -> dict[str, Any] | None:
+        """The last session's memory plan, or None (none recorded, or unreadable: it is informational)."""
+        try:
+            data = json.loads(self.memory_plan_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     # -- counters -----------------------------------------------------------------------
     def save_counters(self, counters: Mapping[str, Any]) -> None:

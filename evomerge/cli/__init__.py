@@ -1,9 +1,10 @@
-"""`evomerge` command line: search | resume | status | export | merge | plot.
+"""`evomerge` command line: search | resume | status | export | merge | plot | check.
 
 This module parses arguments and turns user errors into one line on stderr with exit
 status 2. The commands live beside it (``search_commands``: search, resume;
-``view_commands``: status, plot; ``model_commands``: merge, export) and are imported
-lazily, so ``evomerge --help`` stays fast (torch and Ray are slow to import).
+``view_commands``: status, plot; ``model_commands``: merge, export; ``check_command``:
+check) and are imported lazily, so ``evomerge --help`` stays fast (torch and Ray are
+slow to import).
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("evomerge.cli.view_commands", "plot_command"))
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate a config offline (no weights, no Ray) and print the search plan")
+    p.add_argument("config", help="search config YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, as for search (repeatable)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="plan the actors for this device (default: ray.use_gpu, else a GPU if this machine has one)")
+    p.add_argument("--memory-gb", type=float, metavar="N",
+                   help="memory of one actor in GiB (GPU memory for cuda); default: ray.actor_memory_gb, "
+                        "else what is free on this machine")
+    p.set_defaults(func=_lazy("evomerge.cli.check_command", "check_command"))
+
+
 def _lazy(module: str, attr: str) -> Callable[[argparse.Namespace], int | None]:
     def run(args: argparse.Namespace) -> int | None:
         import importlib
@@ -96,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_search, _add_resume, _add_status, _add_export, _add_merge, _add_plot):
+    for add in (_add_search, _add_resume, _add_status, _add_export, _add_merge, _add_plot, _add_check):
         add(sub)
     return parser
 

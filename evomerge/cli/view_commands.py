@@ -51,5 +51,18 @@ def status_command(args: argparse.Namespace) -> int:
     console = Console()
     console.print(front_table(view))
     console.print(progress_line(summary(view)))
+    plan = RunDir(run_dir).load_memory_plan()
+    if plan is not None:
+        console.print(memory_line(plan))
     return 0
+
+
+def memory_line(plan: dict) -> str:
+    """The run's memory plan in one line: the mode chosen per actor, and where each actor runs."""
+    chosen = (plan.get("chosen") or {}).get("describe") or "planned by each actor on its node"
+    actors = plan.get("per_actor") or {}
+    where = ", ".join(f"{i} on {a.get('node')} ({a.get('residency')})" for i, a in actors.items())
+    cap = f", cap {plan['actor_memory_gb']:g} GB" if plan.get("actor_memory_gb") else ""
+    return f"memory plan ({plan.get('device')}, {plan.get('actors')} actor(s){cap}): {chosen}" + (
+        f"; actors: {where}" if where else "")
 

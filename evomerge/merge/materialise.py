@@ -23,6 +23,7 @@ from evomerge.errors import ConfigError, RecipeError, read_utf8
 from evomerge.fileio import atomic_file, fsync_dir
 from evomerge.merge.dtypes import FLOATS, ITEMSIZE, OUTPUT_DTYPES, ST_CODES, torch_dtype
 from evomerge.merge.inplace import InPlaceMerger
+from evomerge.merge.inputs import read_inputs
 from evomerge.merge.recipe import MergeRecipe
 from evomerge.merge.validate import GroupPlan, plan_group, source_indices, validate_recipe
 
@@ -226,8 +227,6 @@ def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_s
 def _merge_one(name: str, recipe: MergeRecipe, model_set: "ModelSet", srcs: list[Any],
                plans: dict[str, GroupPlan], cd: "torch.dtype", dev: "torch.device", merge_tensor: Any) -> "torch.Tensor":
     """One merged tensor (compute dtype), from one tensor per source read off the mmap."""
-    import torch
-
     ref = model_set.reference
     if ref.dtype(name) not in FLOATS:
         return ref.get_tensor(name)
@@ -235,15 +234,7 @@ def _merge_one(name: str, recipe: MergeRecipe, model_set: "ModelSet", srcs: list
     gp = plans.get(key)
     if gp is None:
         gp = plans[key] = plan_group(recipe, key)
-    if model_set.base is not None:
-        base = model_set.base.get_tensor(name).to(dev, cd)
-    else:
-        base = torch.zeros(ref.shape(name), dtype=cd, device=dev)
-    deltas = torch.empty((len(srcs), *ref.shape(name)), dtype=cd, device=dev)
-    for i, src in enumerate(srcs):
-        deltas[i].copy_(src.get_tensor(name))
-        if model_set.base is not None:
-            deltas[i].sub_(base)
+    base, deltas = read_inputs(model_set, name, srcs, cd, dev)  # as the in-place merger reads them
     return merge_tensor(gp.method, base, deltas, gp.source_params, gp.params, seed=recipe.seed, tensor_name=name,
                         has_base=model_set.base is not None)
 

@@ -5,6 +5,7 @@ Modules, in the order a run meets them:
 - ``plan``: every resource check of a config, run once; the facts a run needs (model set,
   space, objective directions, optimizer) computed once and handed down.
 - ``ray_cluster``: connecting to or starting Ray, and how many actors it can hold.
+- ``memory``: each actor's memory plan (the fastest residency that fits), before any actor starts.
 - ``actor``: the Ray actor that keeps one live model and merges and scores recipes in place.
 - ``pool``: the driver's view of its actors (one job each, failures, restarts, time-outs).
 - ``searchbook``: the optimizer's ask/tell bookkeeping, replayable from the log.

@@ -25,6 +25,7 @@ from typing import Any
 
 from evomerge.merge.dtypes import OUTPUT_DTYPES
 
+from evomerge.errors import MemoryPlanError
 from evomerge.records import Status
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,16 @@ class CandidateEvaluator:
             threads = max(1, int(self.cfg.ray.num_cpus_per_actor))
             torch.set_num_threads(threads)
         m = self.cfg.models
-        self.model_set = model_set_for(m)
+        self.model_set = model_set_for(m)  # headers only
+        self.startup_error: str | None = None
+        try:  # before a single weight is loaded: a plan that cannot fit is one line, not an OOM later
+            from evomerge.search.memory import plan_residency
+
+            self.residency, _ = plan_residency(self.cfg, self.model_set, "cuda" if device.startswith("cuda") else "cpu")
+        except MemoryPlanError as err:
+            self.startup_error = f"actor {actor_index} on {socket.gethostname()}: {err}"
+            self.load_s = time.perf_counter() - t0
+            return
         live_path = self.model_set.base.path if self.model_set.base is not None else self.model_set.sources[0].path
         dtype = getattr(torch, _DTYPES[self.cfg.merge.dtype])
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -80,7 +90,7 @@ class CandidateEvaluator:
         self.model.eval()
         self.merger = InPlaceMerger(self.model, self.model_set, device=device,
                                     compute_dtype=getattr(torch, self.cfg.merge.compute_dtype),
-                                    task_vectors_on=self.cfg.ray.task_vectors_on, fused=self.cfg.merge.fused)
+                                    residency=self.residency.mode, fused=self.cfg.merge.fused)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_set.tokenizer_path),
                                                        trust_remote_code=m.trust_remote_code)
         self.objectives = build_objectives(self.cfg, self.tokenizer, device)
@@ -91,9 +101,12 @@ class CandidateEvaluator:
     def ready(self) -> dict[str, Any]:
         """Called once after (re)start: proves the actor is alive, says where it runs, and how its
         evaluators define each objective's direction (the pool checks them against the plan's)."""
-        return {"actor": self.actor_index, "pid": os.getpid(), "node": socket.gethostname(),
-                "device": self.device, "load_s": round(self.load_s, 3),
-                "directions": dict(self.objectives.directions)}
+        info = {"actor": self.actor_index, "pid": os.getpid(), "node": socket.gethostname(),
+                "device": self.device, "load_s": round(self.load_s, 3)}
+        if self.startup_error is not None:  # the pool marks this actor dead with this line
+            return {**info, "error": self.startup_error}
+        return {**info, "directions": dict(self.objectives.directions), "residency": self.residency.mode,
+                "memory": self.residency.describe()}
 
     # -- work -----------------------------------------------------------------------
     def evaluate(self, candidate_id: str, recipe_dict: dict[str, Any], split: str = "selection") -> dict[str, Any]:
@@ -163,21 +176,24 @@ def _inject_fault(faults: dict[str, Any], candidate_id: str) -> None:
         os._exit(1)
 
 
-def actor_options(cfg: Any, use_gpu: bool) -> dict[str, Any]:
-    """Ray resource options of one actor: a whole GPU, or ``num_cpus_per_actor`` CPUs."""
+def actor_options(cfg: Any, use_gpu: bool, memory_bytes: int | None = None) -> dict[str, Any]:
+    """Ray resource options of one actor: a whole GPU, or ``num_cpus_per_actor`` CPUs, and
+    the host memory its plan holds (``memory_bytes``: so Ray never packs two that cannot fit)."""
     opts: dict[str, Any] = {"max_restarts": cfg.ray.max_restarts, "max_task_retries": 0}
     if use_gpu:
         opts.update(num_gpus=1, num_cpus=min(1.0, cfg.ray.num_cpus_per_actor))
     else:
         opts.update(num_gpus=0, num_cpus=cfg.ray.num_cpus_per_actor)
+    if memory_bytes:
+        opts["memory"] = int(memory_bytes)
     return opts
 
 
 def make_actor(cfg: Any, cfg_data: dict[str, Any], index: int, use_gpu: bool,
-               faults: dict[str, Any] | None = None) -> Any:
+               faults: dict[str, Any] | None = None, memory_bytes: int | None = None) -> Any:
     """Start one ``CandidateEvaluator`` actor (returns its handle at once; ``ready`` waits)."""
     import ray
 
     remote_cls = ray.remote(CandidateEvaluator)
     device = "cuda" if use_gpu else "cpu"
-    return remote_cls.options(**actor_options(cfg, use_gpu)).remote(cfg_data, index, device, os.getcwd(), faults)
+    return remote_cls.options(**actor_options(cfg, use_gpu, memory_bytes)).remote(cfg_data, index, device, os.getcwd(), faults)

@@ -35,6 +35,7 @@ from evomerge.pareto import ParetoArchive
 from evomerge.records import EvaluationRecord, HeldoutRecord, Kind, Record, ReferenceRecord, Status
 from evomerge.rundir import RunDir
 from evomerge.search.heldout import score_heldout
+from evomerge.search.memory import plan_for_pool
 from evomerge.search.plan import SearchPlan
 from evomerge.search.references import score_references
 from evomerge.search.pool import MAX_ATTEMPTS, TICK_S, EvaluatorPool, Event, Job, failed_result
@@ -105,9 +106,17 @@ class Search:
         counters = self.run.load_counters()
         self.elapsed_before = float(counters.get("elapsed_s", 0.0))
         n_actors, use_gpu = plan_actors(self.cfg)
+        memory = plan_for_pool(self.cfg, self.plan.model_set, n_actors, use_gpu)  # before any actor starts
+        if memory is not None:
+            log.info("memory plan per actor: %s", memory["chosen"]["describe"])
         faults = json.loads(os.environ[FAULTS_ENV]) if os.environ.get(FAULTS_ENV) else None
-        self.pool = EvaluatorPool(self.cfg, n_actors, use_gpu, self.directions, faults=faults)
+        self.pool = EvaluatorPool(self.cfg, n_actors, use_gpu, self.directions, faults=faults,
+                                  memory_bytes=memory["ray_memory_bytes"] if memory else None)
         self.pool.wait_ready()
+        record = memory or {"device": "cuda" if use_gpu else "cpu", "actors": n_actors, "chosen": None}
+        record["per_actor"] = {str(i): {k: info.get(k) for k in ("node", "device", "residency", "memory")}
+                               for i, info in sorted(self.pool.info.items())}
+        self.run.save_memory_plan(record)
         # the optimizer's num_workers is fixed by the first session, so a replay is exact
         # even if the resumed session has another number of actors
         logged = next((r.num_workers for r in records if isinstance(r, EvaluationRecord) and r.num_workers), None)

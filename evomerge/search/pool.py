@@ -82,13 +82,14 @@ class EvaluatorPool:
     """
 
     def __init__(self, cfg: SearchConfig, n: int, use_gpu: bool, directions: Mapping[str, str],
-                 faults: dict[str, Any] | None = None) -> None:
+                 faults: dict[str, Any] | None = None, memory_bytes: int | None = None) -> None:
         from evomerge.search.actor import make_actor
 
         self.timeout_s = cfg.ray.eval_timeout_s
         self.directions = dict(directions)
         cfg_data = cfg.model_dump(mode="json")
-        self.actors = {i: make_actor(cfg, cfg_data, i, use_gpu, faults=faults) for i in range(n)}
+        self.actors = {i: make_actor(cfg, cfg_data, i, use_gpu, faults=faults, memory_bytes=memory_bytes)
+                       for i in range(n)}
         self.state = {i: State.STARTING for i in range(n)}
         self.info: dict[int, dict[str, Any]] = {}
         self.probes: dict[Any, int] = {a.ready.remote(): i for i, a in self.actors.items()}
@@ -128,6 +129,10 @@ class EvaluatorPool:
     # -- waiting --------------------------------------------------------------------
     def _ready(self, i: int, info: dict[str, Any]) -> None:
         """An actor's ``ready`` answer: free, unless its evaluators disagree with the plan's directions."""
+        if info.get("error"):  # it could not start (its memory plan does not fit): dead, with its one line
+            self.state[i] = State.DEAD
+            self.last_error = str(info["error"])
+            return
         theirs = info.get("directions")
         if theirs is not None and dict(theirs) != self.directions:
             name = next(k for k in self.directions if theirs.get(k) != self.directions[k])
