@@ -241,7 +241,8 @@ class BudgetConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = None
-    actors: Int | None = Field(None, ge=1, description="CPU actors when no GPU; default one per GPU, else 1.")
+    actors: Int | None = Field(None, ge=1, description="Default: one per GPU of the cluster; on CPU one per "
+                               "num_cpus_per_actor CPUs of a joined cluster, 1 for the embedded local Ray.")
     num_cpus_per_actor: Float = Field(1.0, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
     object_store_memory: Int | None = Field(None, description="Bytes, for the embedded local Ray.")
@@ -256,6 +257,12 @@ class RayConfig(_Strict):
         None, gt=0, description="Memory one actor may use (GPU memory on GPU actors, host memory on CPU); "
         "default: what is free when it starts. Also requested from Ray, so actors are not packed too tight.")
     eval_headroom_gb: Float = Field(1.0, ge=0, description="Memory kept free for evaluation (activations).")
+    placement: Literal["spread", "pack"] = Field(
+        "spread", description="spread: actors on as many nodes as possible (Ray's SPREAD strategy); "
+        "pack: Ray's default policy, which fills a node before it uses the next.")
+    capacity_wait_s: Float = Field(
+        600.0, gt=0, description="How long the search waits for a node that can host an actor when none is "
+        "left, before it checkpoints and exits.")
 
 
 class OutputConfig(_Strict):

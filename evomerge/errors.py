@@ -47,6 +47,10 @@ class MemoryPlanError(EvomergeError):
     """No residency mode of the merge fits the memory available (``evomerge.merge.memory_plan``)."""
 
 
+class ClusterError(EvomergeError):
+    """The Ray cluster cannot be joined, or has no node left that can host an evaluation actor."""
+
+
 def read_utf8(path: str | os.PathLike[str], error: type[EvomergeError] = EvomergeError) -> str:
     """The text of a user-supplied file, or one line (``error``) saying why it cannot be read.
 

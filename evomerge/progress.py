@@ -48,10 +48,11 @@ class SearchProgress:
             self._live = None
 
     def update(self, *, done: int, failed: int, in_flight: int, front: int, elapsed_s: float,
-               best: Mapping[str, tuple[float, str]], phase: str = "search", force: bool = False) -> None:
-        """Record the numbers; redraw when the display is on and due."""
+               best: Mapping[str, tuple[float, str]], phase: str = "search", force: bool = False,
+               actors: str | None = None) -> None:
+        """Record the numbers; redraw when the display is on and due. ``actors``: where each runs."""
         self._state = dict(done=done, failed=failed, in_flight=in_flight, front=front, elapsed_s=elapsed_s,
-                           best=dict(best), phase=phase)
+                           best=dict(best), phase=phase, actors=actors)
         now = time.monotonic()
         if self._live is not None and (force or now - self._last > 0.25):
             self._last = now
@@ -75,6 +76,8 @@ class SearchProgress:
         table.add_row("evaluations", f"{s['done']}{budget}   (in flight {s['in_flight']}, failed {s['failed']})")
         table.add_row("elapsed", f"{elapsed:.0f}s{wall}   {rate:.0f} evaluations/hour")
         table.add_row("front size", str(s["front"]))
+        if s.get("actors"):
+            table.add_row("actors", s["actors"])
         for name, (score, eid) in s["best"].items():
             table.add_row(f"best {name}", f"{score:.4g}  ({eid})")
         return table

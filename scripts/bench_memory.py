@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-import offline_env  # noqa: F401  (sets the offline environment, puts the repo on sys.path)
+import offline_env  # noqa: F401 - sets the offline environment, puts the repo on sys.path
 
 GiB = 1024**3
 

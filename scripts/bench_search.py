@@ -2,6 +2,12 @@
 """Search throughput and driver overhead on the demo, with 1 and with 2 actors.
 
     .venv/bin/python scripts/bench_search.py [--evaluations 40] [--actors 1 2] [--config configs/demo.yaml]
+    .venv/bin/python scripts/bench_search.py --nodes 1 2 [--evaluations 40]
+
+``--nodes``: instead of actors on the embedded local Ray, a real cluster on this machine
+(``tests/cluster_fixtures.py``: a head with no CPUs, token auth, and 1-CPU worker nodes
+added one by one); each search joins it with ``--address`` and ``ray.actors`` unset, so
+it runs one actor per node, and the rows compare 1 node with 2.
 
 For each actor count it runs ``evomerge search`` (a fresh run dir under runs/bench/,
 no references' cost counted, heldout re-scoring off) and reads the evaluation log:
@@ -52,33 +58,74 @@ def measure(run_dir: Path, actors: int) -> dict[str, float]:
     }
 
 
+def run_one(args: argparse.Namespace, env: dict[str, str], name: str, actors: int, sets: list[str],
+            address: str | None) -> dict[str, float] | None:
+    """One search in a fresh ``runs/bench/<name>``, measured; None (and a line) when it failed."""
+    run_dir = ROOT / "runs" / "bench" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", args.config, "--run-dir", str(run_dir),
+           "--no-progress", "--set", f"budget.evaluations={args.evaluations}",
+           "--set", "evaluation.rescore_heldout=false", "--set", "output.checkpoint_every=10"]
+    for o in [*sets, *args.overrides]:
+        cmd += ["--set", o]
+    if address:
+        cmd += ["--address", address]
+    t0 = time.monotonic()
+    rc = subprocess.call(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if rc != 0:
+        print(f"search {name} failed (exit {rc}); see {run_dir}/driver.log", file=sys.stderr)
+        return None
+    row = measure(run_dir, actors)
+    row["end_to_end_s"] = round(time.monotonic() - t0, 1)
+    return row
+
+
+def bench_nodes(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, float]] | None:
+    """The same search on a local cluster of 1, then 2, ... worker nodes (one actor each)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from cluster_fixtures import cluster_env, new_cluster
+
+    cluster = new_cluster(head_cpus=0, dashboard=False)
+    rows = []
+    try:
+        cluster.start_head()
+        for n in sorted(args.nodes):
+            while sum(1 for name in cluster.nodes if name != "head") < n:
+                cluster.start_worker()
+            row = run_one(args, {**env, **cluster_env()}, f"nodes{n}", n,
+                          ["ray.actors=null", "ray.num_cpus_per_actor=1"], cluster.address)
+            if row is None:
+                return None
+            rows.append({"nodes": n, **row})
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--evaluations", type=int, default=40)
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    ap.add_argument("--nodes", type=int, nargs="+", help="node counts of a local multi-node cluster (e.g. 1 2)")
     args = ap.parse_args()
     os.chdir(ROOT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    rows = []
-    for n in args.actors:
-        run_dir = ROOT / "runs" / "bench" / f"actors{n}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "evomerge.cli", "search", args.config, "--run-dir", str(run_dir),
-               "--no-progress", "--set", f"ray.actors={n}", "--set", f"budget.evaluations={args.evaluations}",
-               "--set", "evaluation.rescore_heldout=false", "--set", "output.checkpoint_every=10"]
-        for o in args.overrides:
-            cmd += ["--set", o]
-        t0 = time.monotonic()
-        rc = subprocess.call(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if rc != 0:
-            print(f"search with {n} actor(s) failed (exit {rc}); see {run_dir}/driver.log", file=sys.stderr)
-            return rc
-        row = measure(run_dir, n)
-        row["end_to_end_s"] = round(time.monotonic() - t0, 1)
-        rows.append(row)
-    cols = ["actors", "evaluations", "window_s", "evaluations_per_hour", "mean_merge_s", "mean_eval_s",
+    if args.nodes:
+        rows = bench_nodes(args, env)
+        if rows is None:
+            return 1
+    else:
+        rows = []
+        for n in args.actors:
+            row = run_one(args, env, f"actors{n}", n, [f"ray.actors={n}"], None)
+            if row is None:
+                return 1
+            rows.append(row)
+    cols = ["nodes"] if args.nodes else []
+    cols += ["actors", "evaluations", "window_s", "evaluations_per_hour", "mean_merge_s", "mean_eval_s",
             "driver_overhead", "end_to_end_s"]
     print("  ".join(f"{c:>20}" for c in cols))
     for r in rows:

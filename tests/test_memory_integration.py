@@ -80,5 +80,6 @@ def test_an_actor_whose_plan_does_not_fit_refuses_before_loading_and_the_pool_ma
     assert not hasattr(actor, "model")
     pool = EvaluatorPool.__new__(EvaluatorPool)
     pool.state, pool.info, pool.directions, pool.last_error = {3: State.STARTING}, {}, {}, None
+    pool.refused, pool.replaced, pool.info_version = set(), {3: 0}, 0
     pool._ready(3, info)
     assert pool.state[3] is State.DEAD and pool.last_error == info["error"] and pool.alive() == 0

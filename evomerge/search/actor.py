@@ -25,7 +25,7 @@ from typing import Any
 
 from evomerge.merge.dtypes import OUTPUT_DTYPES
 
-from evomerge.errors import MemoryPlanError
+from evomerge.errors import EvomergeError, MemoryPlanError
 from evomerge.records import Status
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,20 @@ class CandidateEvaluator:
             threads = max(1, int(self.cfg.ray.num_cpus_per_actor))
             torch.set_num_threads(threads)
         m = self.cfg.models
-        self.model_set = model_set_for(m)  # headers only
         self.startup_error: str | None = None
+        self.node = node_label()
+        try:  # each actor resolves the sources on its own node: one missing there fails this actor only
+            self.model_set = model_set_for(m)  # headers only
+        except EvomergeError as err:
+            self.startup_error = f"actor {actor_index} on node {self.node}: {err}"
+            self.load_s = time.perf_counter() - t0
+            return
         try:  # before a single weight is loaded: a plan that cannot fit is one line, not an OOM later
             from evomerge.search.memory import plan_residency
 
             self.residency, _ = plan_residency(self.cfg, self.model_set, "cuda" if device.startswith("cuda") else "cpu")
         except MemoryPlanError as err:
-            self.startup_error = f"actor {actor_index} on {socket.gethostname()}: {err}"
+            self.startup_error = f"actor {actor_index} on node {self.node}: {err}"
             self.load_s = time.perf_counter() - t0
             return
         live_path = self.model_set.base.path if self.model_set.base is not None else self.model_set.sources[0].path
@@ -101,7 +107,7 @@ class CandidateEvaluator:
     def ready(self) -> dict[str, Any]:
         """Called once after (re)start: proves the actor is alive, says where it runs, and how its
         evaluators define each objective's direction (the pool checks them against the plan's)."""
-        info = {"actor": self.actor_index, "pid": os.getpid(), "node": socket.gethostname(),
+        info = {"actor": self.actor_index, "pid": os.getpid(), "node": self.node, "node_id": ray_node_id(),
                 "device": self.device, "load_s": round(self.load_s, 3)}
         if self.startup_error is not None:  # the pool marks this actor dead with this line
             return {**info, "error": self.startup_error}
@@ -152,6 +158,23 @@ class CandidateEvaluator:
         return result
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (hex id), or None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def node_label() -> str:
+    """``host`` plus the first characters of the Ray node id: hosts alone do not tell apart two
+    nodes on one machine (containers, tests), and ids alone do not tell a user which machine."""
+    node_id = ray_node_id()
+    return f"{socket.gethostname()}/{node_id[:8]}" if node_id else socket.gethostname()
+
+
 def _inject_fault(faults: dict[str, Any], candidate_id: str) -> None:
     """Test hook (env ``EVOMERGE_TEST_FAULTS``, JSON, read by the driver): simulate failures.
 
@@ -177,9 +200,14 @@ def _inject_fault(faults: dict[str, Any], candidate_id: str) -> None:
 
 
 def actor_options(cfg: Any, use_gpu: bool, memory_bytes: int | None = None) -> dict[str, Any]:
-    """Ray resource options of one actor: a whole GPU, or ``num_cpus_per_actor`` CPUs, and
-    the host memory its plan holds (``memory_bytes``: so Ray never packs two that cannot fit)."""
+    """Ray resource options of one actor: a whole GPU, or ``num_cpus_per_actor`` CPUs, the host
+    memory its plan holds (``memory_bytes``: so Ray never packs two that cannot fit), and where
+    it goes (``ray.placement``). Scheduling strategies, not placement groups: a placement group
+    pins its bundles to nodes, and a bundle on a dead node blocks its actor until the group is
+    rescheduled, while a plain actor is restarted wherever the cluster has room."""
     opts: dict[str, Any] = {"max_restarts": cfg.ray.max_restarts, "max_task_retries": 0}
+    if getattr(cfg.ray, "placement", "spread") == "spread":  # pack: Ray's default (fill a node, then the next)
+        opts["scheduling_strategy"] = "SPREAD"
     if use_gpu:
         opts.update(num_gpus=1, num_cpus=min(1.0, cfg.ray.num_cpus_per_actor))
     else:

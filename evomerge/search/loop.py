@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ClusterError, EvomergeError
 from evomerge.pareto import ParetoArchive
 from evomerge.records import EvaluationRecord, HeldoutRecord, Kind, Record, ReferenceRecord, Status
 from evomerge.rundir import RunDir
@@ -114,9 +114,8 @@ class Search:
                                   memory_bytes=memory["ray_memory_bytes"] if memory else None)
         self.pool.wait_ready()
         record = memory or {"device": "cuda" if use_gpu else "cpu", "actors": n_actors, "chosen": None}
-        record["per_actor"] = {str(i): {k: info.get(k) for k in ("node", "device", "residency", "memory")}
-                               for i, info in sorted(self.pool.info.items())}
-        self.run.save_memory_plan(record)
+        self.memory_record = record
+        self._save_actor_nodes()
         # the optimizer's num_workers is fixed by the first session, so a replay is exact
         # even if the resumed session has another number of actors
         logged = next((r.num_workers for r in records if isinstance(r, EvaluationRecord) and r.num_workers), None)
@@ -145,6 +144,16 @@ class Search:
             log.info("resuming %s: %d evaluations logged (%d failed), %d to evaluate again, front %d",
                      self.run.path, self.book.n_told, self.book.n_failed, len(self.queue), len(self.archive))
         return records
+
+    def _save_actor_nodes(self) -> None:
+        """memory_plan.json's ``per_actor`` as the actors are now: kept current when an actor
+        restarts on another node, so ``evomerge status`` shows where each one runs."""
+        assert self.pool is not None
+        self.memory_record["per_actor"] = {
+            str(i): {k: info.get(k) for k in ("node", "node_id", "pid", "device", "residency", "memory")}
+            for i, info in sorted(self.pool.info.items())}
+        self.run.save_memory_plan(self.memory_record)
+        self._actor_nodes_version = self.pool.info_version
 
     def _job_for(self, asked: Asked) -> Job:
         return Job(Kind.EVALUATION, asked.id, asked.recipe, asked=asked, key=self._key(asked.recipe))
@@ -255,9 +264,15 @@ class Search:
                                         f"resume with `evomerge resume {self.run.path}`")
                 if not self.queue and not self._can_ask():
                     break  # budget spent; otherwise actors are restarting: keep polling
+            lost = self.pool.capacity_timeout()
+            if lost:
+                self.checkpoint("interrupted")
+                raise ClusterError(f"{lost}; checkpointed: resume with `evomerge resume {self.run.path}`")
             for ev in self.pool.poll(TICK_S):
                 self._handle(ev)
             self._dispatch()  # free actors get work before the bookkeeping below
+            if self.pool.info_version != self._actor_nodes_version:
+                self._save_actor_nodes()
             if self.since_checkpoint >= self.cfg.output.checkpoint_every:
                 self.checkpoint()
             self._show(progress, "search")
@@ -332,7 +347,8 @@ class Search:
                 best[o.name] = (self.archive.scores(bid)[o.name], bid)
         progress.update(done=self.book.n_told, failed=self.book.n_failed,
                         in_flight=len(self.pool.jobs()) if self.pool else 0,
-                        front=len(self.archive), elapsed_s=self.elapsed(), best=best, phase=phase)
+                        front=len(self.archive), elapsed_s=self.elapsed(), best=best, phase=phase,
+                        actors=self.pool.where() if self.pool else None)
 
     # -- signals --------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:

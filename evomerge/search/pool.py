@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any, Callable, Mapping
 
 from evomerge.config import SearchConfig
-from evomerge.errors import EvomergeError
+from evomerge.errors import ClusterError, EvomergeError
 from evomerge.records import Kind, Status
 from evomerge.search.ray_cluster import ray_error_line
 from evomerge.search.searchbook import Asked
@@ -32,6 +32,8 @@ TICK_S = 0.5
 PROBE_RETRY_S = 1.0
 #: times a job is dispatched again after its actor died under it, before it is reported failed
 MAX_ATTEMPTS = 3
+#: new actors started in a row for one slot that never became ready, before the slot is left dead
+REPLACE_LIMIT = 3
 
 
 class State(str, Enum):
@@ -85,11 +87,18 @@ class EvaluatorPool:
                  faults: dict[str, Any] | None = None, memory_bytes: int | None = None) -> None:
         from evomerge.search.actor import make_actor
 
+        self.cfg = cfg
+        self.use_gpu = use_gpu
         self.timeout_s = cfg.ray.eval_timeout_s
         self.directions = dict(directions)
         cfg_data = cfg.model_dump(mode="json")
-        self.actors = {i: make_actor(cfg, cfg_data, i, use_gpu, faults=faults, memory_bytes=memory_bytes)
-                       for i in range(n)}
+        self._make = lambda i: make_actor(cfg, cfg_data, i, use_gpu, faults=faults, memory_bytes=memory_bytes)
+        self.actors = {i: self._make(i) for i in range(n)}
+        self.refused: set[int] = set()  # refused at start (sources, memory, directions): never replaced
+        self.replaced = {i: 0 for i in range(n)}  # replacements since the actor was last ready
+        self.info_version = 0  # bumped whenever an actor reports where it runs (memory_plan.json follows)
+        self.capacity_since: float | None = None  # when the cluster was first seen unable to host an actor
+        self._capacity_checked = 0.0
         self.state = {i: State.STARTING for i in range(n)}
         self.info: dict[int, dict[str, Any]] = {}
         self.probes: dict[Any, int] = {a.ready.remote(): i for i, a in self.actors.items()}
@@ -110,6 +119,49 @@ class EvaluatorPool:
     def jobs(self) -> list[Job]:
         return [job for _, job in self.inflight.values()]
 
+    def usable(self) -> int:
+        """Actors that are up (free or busy)."""
+        return sum(1 for s in self.state.values() if s in (State.FREE, State.BUSY))
+
+    def where(self) -> str:
+        """Each actor and the node it runs on (or its state), for the live display."""
+        return ", ".join(f"{i}@{self.info.get(i, {}).get('node', '?')}" if s in (State.FREE, State.BUSY)
+                         else f"{i} {s.value}" for i, s in sorted(self.state.items()))
+
+    def capacity_timeout(self) -> str | None:
+        """None, or the one line to stop on when no node could host an actor for ``ray.capacity_wait_s``.
+
+        Why here: when every node that hosts actors dies, Ray keeps the actors "restarting"
+        for ever and the driver would poll for ever. The cluster is asked (at most every
+        2 s) only while no actor is up; the wait is announced once, with its deadline.
+        """
+        if self.usable():
+            self.capacity_since = None
+            return None
+        now = time.monotonic()
+        if now - self._capacity_checked < 2.0:
+            return self._capacity_line(now)
+        self._capacity_checked = now
+        from evomerge.search.ray_cluster import can_host_actor
+
+        if can_host_actor(self.cfg, self.use_gpu):
+            if self.capacity_since is not None:
+                log.warning("a node that can host an actor is back; waiting for the actors to start")
+            self.capacity_since = None
+            return None
+        if self.capacity_since is None:
+            self.capacity_since = now
+            need = "a GPU" if self.use_gpu else f"{self.cfg.ray.num_cpus_per_actor:g} CPU(s)"
+            log.warning("no node of the Ray cluster can host an evaluation actor (each needs %s): waiting up "
+                        "to %.0fs (ray.capacity_wait_s) for one to join", need, self.cfg.ray.capacity_wait_s)
+        return self._capacity_line(now)
+
+    def _capacity_line(self, now: float) -> str | None:
+        if self.capacity_since is None or now - self.capacity_since < self.cfg.ray.capacity_wait_s:
+            return None
+        return (f"no node of the Ray cluster could host an evaluation actor for {self.cfg.ray.capacity_wait_s:g}s "
+                f"(ray.capacity_wait_s): every node that ran one is gone; add nodes")
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until at least one actor is up; error out if every actor failed to start."""
         t0 = time.monotonic()
@@ -118,7 +170,23 @@ class EvaluatorPool:
                 raise EvomergeError(f"no evaluation actor could start: {self.last_error}")
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise EvomergeError(f"no evaluation actor started within {timeout_s:.0f}s")
+            lost = self.capacity_timeout()
+            if lost:
+                raise ClusterError(lost)
             self.poll(TICK_S)
+
+    def _replace_dead(self) -> None:
+        """Start a new actor for each one Ray gave up on (``max_restarts`` spent, e.g. its node died
+        more than that many times), so the pool grows back to its size when the cluster has room.
+        Actors refused at start are not replaced (they would be refused again), and a slot is
+        replaced at most ``REPLACE_LIMIT`` times in a row without becoming ready."""
+        for i, st in self.state.items():
+            if st is State.DEAD and i not in self.refused and self.replaced[i] < REPLACE_LIMIT:
+                self.replaced[i] += 1
+                log.warning("starting a new actor %d in place of the one Ray gave up on", i)
+                self.actors[i] = self._make(i)
+                self.state[i] = State.STARTING
+                self.probes[self.actors[i].ready.remote()] = i
 
     def submit(self, i: int, job: Job) -> None:
         job.dispatched_at = time.time()
@@ -129,18 +197,23 @@ class EvaluatorPool:
     # -- waiting --------------------------------------------------------------------
     def _ready(self, i: int, info: dict[str, Any]) -> None:
         """An actor's ``ready`` answer: free, unless its evaluators disagree with the plan's directions."""
-        if info.get("error"):  # it could not start (its memory plan does not fit): dead, with its one line
+        if info.get("error"):  # it could not start (sources or memory on its node): dead, with its one line
             self.state[i] = State.DEAD
+            self.refused.add(i)
             self.last_error = str(info["error"])
+            log.error("%s", self.last_error)
             return
         theirs = info.get("directions")
         if theirs is not None and dict(theirs) != self.directions:
             name = next(k for k in self.directions if theirs.get(k) != self.directions[k])
             self.state[i] = State.DEAD
+            self.refused.add(i)
             self.last_error = (f"objective {name!r}: the evaluator built on actor {i} says {theirs.get(name)}, the "
                                f"task config says {self.directions[name]}; set direction on the objective")
             return
         self.info[i] = info
+        self.info_version += 1
+        self.replaced[i] = 0
         self.state[i] = State.FREE
         log.info("actor %d ready: %s", i, {k: v for k, v in info.items() if k != "directions"})
 
@@ -149,6 +222,7 @@ class EvaluatorPool:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+        self._replace_dead()
         now = time.monotonic()
         for i, when in list(self.reprobe.items()):
             if now >= when:
@@ -225,6 +299,9 @@ class EvaluatorPool:
                 self.submit(i, queue.popleft())
             if not self.busy() and self.alive() == 0:
                 raise EvomergeError(f"every evaluation actor died; last error: {self.last_error}")
+            lost = self.capacity_timeout()
+            if lost:
+                raise ClusterError(lost)
             for ev in self.poll(TICK_S):
                 job = ev.job
                 result = ev.result
