@@ -23,6 +23,7 @@ from evomerge.config import ObjectiveConfig, SearchConfig, load_config
 from evomerge.errors import ConfigError
 from evomerge.merge.sources import ModelSource
 from evomerge.search.plan import SearchPlan, plan_search
+from evomerge.search.ray_cluster import actor_count, local_gpus
 
 GB = 1024**3
 DEVICES = ("cpu", "cuda")
@@ -202,8 +203,6 @@ def objective_lines(plan: SearchPlan) -> list[str]:
 
 # -- actors -------------------------------------------------------------------------------------
 def _local_gpus() -> int:
-    from evomerge.search.ray_cluster import local_gpus
-
     return local_gpus()
 
 
@@ -227,16 +226,18 @@ def plan_actor_count(cfg: SearchConfig, device: str | None) -> ActorPlan:
                else f"ray.use_gpu unset and this machine has {gpus} GPU{'s' if gpus != 1 else ''}")
     else:
         how = f"--device {device}"
+    cpus_here = float(os.cpu_count() or 1)
+    count = actor_count(cfg, use_gpu=device == "cuda", gpus=gpus, cpus=cpus_here, embedded=address is None)
     if cfg.ray.actors is not None:
         why = f"ray.actors: {cfg.ray.actors}"
-        count = cfg.ray.actors
     elif device == "cuda":
-        count = max(1, gpus)
         why = (f"one per GPU: {gpus} GPU{'s' if gpus != 1 else ''} here" if gpus
                else "one per GPU; this machine has none, so the plan below is for one GPU actor")
+    elif address is None:
+        why = "ray.actors unset, no GPU, the embedded local Ray: one CPU actor"
     else:
-        count = 1
-        why = "ray.actors unset and no GPU: one CPU actor"
+        why = (f"ray.actors unset and no GPU: one per {cfg.ray.num_cpus_per_actor:g} CPU(s) of the cluster, "
+               f"counted as this machine's {cpus_here:g}")
     cpus = count * cfg.ray.num_cpus_per_actor
     return ActorPlan(device, count, f"{why} ({how}; {cpus:g} CPU(s) for actors; assumes {where})")
 

@@ -165,14 +165,25 @@ def local_gpus() -> int:
         return 0
 
 
-def plan_actors(cfg: SearchConfig) -> tuple[int, bool]:
-    """(number of actors, on GPU?) for the connected cluster.
+def actor_count(cfg: SearchConfig, *, use_gpu: bool, gpus: int, cpus: float, embedded: bool) -> int:
+    """How many actors a search starts (pure: ``plan_actors`` feeds it the cluster, ``evomerge check`` this machine).
 
-    Default (``ray.actors`` unset): one actor per GPU of the cluster; on CPU, one per
+    Default (``ray.actors`` unset): one actor per GPU; on CPU, one per
     ``ray.num_cpus_per_actor`` CPUs of a *joined* cluster (every node's CPUs count: the
     point of joining one is to use it), but 1 for the embedded local Ray, because each
     CPU actor holds its own copy of the models and a laptop has the memory for one.
     """
+    if cfg.ray.actors:
+        return cfg.ray.actors
+    if use_gpu:
+        return max(1, gpus)
+    if embedded:
+        return 1
+    return max(1, int(cpus // cfg.ray.num_cpus_per_actor))
+
+
+def plan_actors(cfg: SearchConfig) -> tuple[int, bool]:
+    """(number of actors, on GPU?) for the connected cluster (``actor_count`` of its resources)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -180,13 +191,8 @@ def plan_actors(cfg: SearchConfig) -> tuple[int, bool]:
     use_gpu = gpus > 0 if cfg.ray.use_gpu is None else cfg.ray.use_gpu
     if use_gpu and gpus == 0:
         raise EvomergeError("ray.use_gpu is true but the Ray cluster has no GPU; set ray.use_gpu: false")
-    if cfg.ray.actors:
-        return cfg.ray.actors, use_gpu
-    if use_gpu:
-        return max(1, gpus), True
-    if _embedded:
-        return 1, False
-    return max(1, int(float(resources.get("CPU", 0)) // cfg.ray.num_cpus_per_actor)), False
+    count = actor_count(cfg, use_gpu=use_gpu, gpus=gpus, cpus=float(resources.get("CPU", 0)), embedded=_embedded)
+    return count, use_gpu
 
 
 def can_host_actor(cfg: SearchConfig, use_gpu: bool) -> bool:
