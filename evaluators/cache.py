@@ -19,6 +19,7 @@ from typing import Any
 
 from evomerge.config import SearchConfig
 from evomerge.fileio import sha256_file
+from evomerge.merge.path_recipe import PathRecipe
 from evomerge.merge.recipe import MergeRecipe
 
 #: Bump when the meaning of a score changes (e.g. a different subsampling rule).
@@ -96,7 +97,7 @@ def evaluation_settings(cfg: SearchConfig) -> dict[str, Any]:
     }
 
 
-def evaluation_key(recipe: MergeRecipe, cfg: SearchConfig) -> str:
+def evaluation_key(recipe: "MergeRecipe | PathRecipe", cfg: SearchConfig) -> str:
     """Stable hash of recipe content + evaluator settings; equal keys mean equal scores."""
     settings = _settings_digest(json.dumps(evaluation_settings(cfg), sort_keys=True))
     return hashlib.sha256(f"{recipe.canonical_json()}\n{settings}".encode()).hexdigest()[:32]

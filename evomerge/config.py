@@ -135,6 +135,17 @@ class SpaceConfig(_Strict):
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)}
     )
     init: str | None = Field(None, description="'uniform' (default), or a recipe JSON / mergekit YAML to start from.")
+    # -- the dataflow space (search_spaces/dataflow.py) --------------------------------------
+    repeats: Int = Field(1, description="dataflow: how many times the models' layers are laid out in slots.")
+    scaling: Literal["auto", "transition", "slot"] = Field(
+        "auto", description="dataflow: one hidden-state scale per layer-to-layer transition (the paper's M x M "
+        "matrix), or per slot; auto: transition up to 32 layers in all, slot beyond.")
+    scale_bounds: tuple[float, float] = Field((0.5, 2.0), description="dataflow: range of the scale genes.")
+    max_path_length: Int | None = Field(None, description="dataflow: the most layers a path may have.")
+    fixed_ends: Int = Field(0, ge=0, description="dataflow: pin the first and last k layers of the path to "
+                            "embed_from's own.")
+    embed_from: str | None = Field(None, description="dataflow: the source whose embeddings, final norm and "
+                                   "head the path uses (default: the first source).")
     #: Kept so that configs (and run dirs' frozen config.yaml) that carry the empty ``options: {}``
     #: earlier versions wrote still load; no space takes an option.
     options: dict[str, Any] = Field(default_factory=dict, description="Unused: must stay empty.")
@@ -144,6 +155,29 @@ class SpaceConfig(_Strict):
     def _no_options(cls, v: dict[str, Any]) -> dict[str, Any]:
         if v:
             raise ValueError(f"{next(iter(v))!r}: no search space takes options; remove space.options")
+        return v
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"repeats must be >= 1 (got {v}); it is how many times the models' layers are laid out")
+        return v
+
+    @field_validator("max_path_length")
+    @classmethod
+    def _max_path(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"max_path_length must be >= 1 (got {v}); leave it out for no limit")
+        return v
+
+    @field_validator("scale_bounds")
+    @classmethod
+    def _scale_bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= 1.0 <= hi):
+            raise ValueError(f"[{lo:g}, {hi:g}] must be finite with 0 < lower <= 1 <= upper (a scale only "
+                             f"rescales the hidden state, and 1 keeps a model's own path reachable)")
         return v
 
     @field_validator("bounds")

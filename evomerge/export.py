@@ -20,20 +20,21 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from evomerge import __version__, pareto
 from evomerge.errors import EvomergeError
 from evomerge.fileio import atomic_write, fsync_dir
-from evomerge.merge.groups import PARTS, parse_key
 from evomerge.merge.recipe import MergeRecipe
-from evomerge.records import EvaluationRecord, ReferenceRecord, display_label
+from evomerge.model_card import (PLOT_NAME, hub_base_models, method_rows, render_model_card, render_path_card,
+                                 search_settings, short_names)
+from evomerge.records import EvaluationRecord
 from evomerge.runview import Objective, RunView, load_run
 
 log = logging.getLogger(__name__)
 
-PLOT_NAME = "report.png"
-CARD_TAGS = ["merge", "evomerge", "mergekit"]
+#: re-exported: the card helpers lived here before ``evomerge.model_card``
+__all__ = ["ExportError", "PLOT_NAME", "best_member", "check_repo_id", "choose_member", "export_member",
+           "hub_base_models", "knee_member", "method_rows", "push_folder", "render_model_card", "search_settings",
+           "short_names"]
 
 
 class ExportError(EvomergeError):
@@ -85,179 +86,6 @@ def choose_member(view: RunView, *, eval_id: str | None = None, best: str | None
     return ev
 
 
-# -- model card (pure) -------------------------------------------------------------------
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _units(recipe: MergeRecipe, num_layers: int) -> list[tuple[str, int | None, str | None]]:
-    """Tensor groups of the model in reading order; split layers are listed part by part."""
-    keyed = [parse_key(k) for k in recipe.groups]
-    split = sorted({g.part for g in keyed if g is not None and g.part is not None}, key=PARTS.index)
-    units: list[tuple[str, int | None, str | None]] = [("embed", None, None)]
-    if split:
-        parts = list(split) + [p for p in PARTS if p not in split]
-        units += [("layer", i, p) for p in parts for i in range(num_layers)]
-    else:
-        units += [("layer", i, None) for i in range(num_layers)]
-    return units + [("final_norm", None, None), ("lm_head", None, None)]
-
-
-def _unit_label(units: list[tuple[str, int | None, str | None]]) -> str:
-    """``embed, layers 0–5 (attn)``: runs of consecutive layers of one part compressed."""
-    pieces: list[str] = []
-    k = 0
-    while k < len(units):
-        kind, layer, part = units[k]
-        if kind != "layer":
-            pieces.append(kind)
-            k += 1
-            continue
-        j = k
-        while j + 1 < len(units) and units[j + 1][0] == "layer" and units[j + 1][2] == part \
-                and units[j + 1][1] == units[j][1] + 1:  # type: ignore[operator]
-            j += 1
-        span = f"layer {layer}" if j == k else f"layers {layer}–{units[j][1]}"
-        pieces.append(f"{span} ({part})" if part else span)
-        k = j + 1
-    return ", ".join(pieces)
-
-
-def method_rows(recipe: MergeRecipe, num_layers: int) -> list[list[str]]:
-    """One row per run of consecutive tensor groups with identical settings.
-
-    Rows: [groups, method, method params, one cell per source]. Settings are compared
-    exactly (not as displayed) so two rows that print alike but differ stay apart.
-    """
-    from evomerge.merge.groups import TensorGroup
-
-    rows: list[tuple[Any, list, list[str]]] = []
-    for unit in _units(recipe, num_layers):
-        kind, layer, part = unit
-        _, g = recipe.group_for(TensorGroup(kind, layer, part))  # type: ignore[arg-type]
-        sig = (g.method, sorted(g.params.items()),
-               tuple(tuple(sorted(g.source_params.get(s, {}).items())) for s in recipe.sources))
-        if rows and rows[-1][0] == sig:
-            rows[-1][1].append(unit)
-            continue
-        cells = [g.method, ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(g.params.items())) or "–"]
-        cells += [", ".join(f"{k}={_fmt(v)}" for k, v in sorted(g.source_params.get(s, {}).items())) or "–"
-                  for s in recipe.sources]
-        rows.append((sig, [unit], cells))
-    return [[_unit_label(units)] + cells for _, units, cells in rows]
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_base_models(refs: Sequence[str]) -> list[str]:
-    """The refs usable as Hub ``base_model`` metadata: hub ids, not local folders.
-
-    A local path is meaningless on the Hub, so it is left out when at least one ref is a
-    hub id; if all are local (offline demo), they are listed as given so the key is
-    still present and says what was merged.
-    """
-    hub = [r for r in refs if _HUB_ID.match(r) and not Path(r).exists()]
-    return hub or list(refs)
-
-
-def _score(scores: Mapping[str, float] | None, name: str) -> str:
-    if not scores or not isinstance(scores.get(name), (int, float)):
-        return "–"
-    return f"{scores[name]:.4g}"
-
-
-def render_model_card(*, title: str, recipe: MergeRecipe, num_layers: int, member: EvaluationRecord,
-                      heldout: Mapping[str, float] | None, objectives: Sequence[Objective],
-                      references: Sequence[ReferenceRecord], settings: Mapping[str, Any],
-                      plot: str | None = PLOT_NAME, version: str = __version__) -> str:
-    """The README.md of an exported model: Hub front matter, then what, how and how good."""
-    refs = ([recipe.base] if recipe.base else []) + list(recipe.sources)
-    meta: dict[str, Any] = {"base_model": hub_base_models(refs), "library_name": "transformers", "tags": CARD_TAGS}
-    if len(refs) > 1:
-        meta["base_model_relation"] = "merge"
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
-
-    methods = sorted(recipe.methods_used())
-    out = [f"---\n{front}\n---", "", f"# {title}", "",
-           f"A merge of {len(recipe.sources)} fine-tuned model(s) found by evomerge's evolutionary, "
-           f"multi-objective search (evaluation `{member.id}`; method(s): {', '.join(methods)}).", "",
-           "## Models merged", ""]
-    if recipe.base:
-        out.append(f"- base: `{recipe.base}`")
-    out += [f"- source {k + 1}: `{s}`" for k, s in enumerate(recipe.sources)]
-    if recipe.tokenizer_source:
-        out.append(f"- tokenizer from: `{recipe.tokenizer_source}`")
-
-    out += ["", "## Merge recipe", "",
-            f"Method and parameters per group of layers (rows with identical settings collapsed); "
-            f"dtype `{recipe.dtype}`, random masks seeded with `{recipe.seed}`.", ""]
-    out.append(_md_table(["Tensors", "Method", "Parameters"] + [f"`{s}`" for s in short_names(recipe.sources)],
-                         method_rows(recipe, num_layers)))
-
-    out += ["", "## Scores", "",
-            "*selection*: the items the search optimised on; *heldout*: items it never saw "
-            "(the honest estimate).", ""]
-    header = ["Model"] + [f"{o.name} ({'↑' if o.maximized else '↓'}) {split}"
-                          for o in objectives for split in ("selection", "heldout")]
-    rows = [[f"**this merge** (`{member.id}`)"] + [c for o in objectives
-                                                  for c in (_score(member.scores, o.name), _score(heldout, o.name))]]
-    for ref in references:
-        rows.append([display_label(ref.label)]
-                    + [c for o in objectives for c in (_score(ref.scores, o.name), _score(ref.heldout, o.name))])
-    out.append(_md_table(header, rows))
-    if plot:
-        out += ["", f"![Pareto front of the search; this merge is circled]({plot})"]
-
-    out += ["", "## Search settings", ""]
-    out += [f"- {k}: {_fmt(v)}" for k, v in settings.items() if v is not None]
-    out += [f"- evomerge version: {version}", "", "## Reproduce", "", "```bash",
-            "evomerge merge recipe.json --out merged   # bit for bit this folder's weights"]
-    if len(methods) > 1:
-        out.append("mergekit-multi mergekit.yaml --intermediate-dir mk-tmp --out-path merged-mk   # with mergekit")
-    else:
-        out.append("mergekit-yaml mergekit.yaml merged-mk   # with mergekit")
-    out.append("```")
-    if any(m.startswith(("dare", "della")) for m in methods):
-        out += ["", "mergekit draws the DARE/DELLA random masks from its own generator, so its merge matches this "
-                "one in distribution, not bit for bit; `evomerge merge` reproduces it exactly."]
-    return "\n".join(out) + "\n"
-
-
-def short_names(refs: Sequence[str]) -> list[str]:
-    """Last path component of each ref when those are unique (table headers stay narrow)."""
-    short = [r.rstrip("/").rsplit("/", 1)[-1] or r for r in refs]
-    return short if len(set(short)) == len(short) else list(refs)
-
-
-def search_settings(view: RunView) -> dict[str, Any]:
-    cfg = view.config
-    opt, budget, space = cfg.get("optimizer") or {}, cfg.get("budget") or {}, cfg.get("space") or {}
-    done = len(view.evaluations)
-    return {
-        "run": cfg.get("name"),
-        "optimizer": opt.get("name") or "default for the objective count",
-        "seed": opt.get("seed", 0),
-        "budget": ", ".join(f"{k}={v}" for k, v in budget.items() if v is not None) or None,
-        "evaluations done": f"{done} ({view.failed} failed)",
-        "search space": space.get("name"),
-        "layer group size": space.get("layer_group_size"),
-        "method choices": ", ".join((cfg.get("merge") or {}).get("methods") or []) or None,
-        "front size": len(view.front),
-    }
-
-
 # -- writing the folder -------------------------------------------------------------------
 def _check_out(out: Path) -> None:
     from evomerge.merge.materialise import file_in_the_way
@@ -278,12 +106,15 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
     """
     from evomerge.merge.materialise import merge_to_folder
     from evomerge.merge.mergekit_yaml import to_mergekit_yaml
+    from evomerge.merge.recipes import is_path_recipe
     from evomerge.merge.sources import load_model_set
 
     view = load_run(run_dir)
     member = choose_member(view, eval_id=eval_id, best=best, knee=knee)
     out = Path(out)
     _check_out(out)
+    if is_path_recipe(member.recipe):
+        return _export_path_member(view, member, out, dtype=dtype, max_shard_size=max_shard_size, title=title), member
     recipe = MergeRecipe.from_dict(member.recipe or {})
     if dtype:
         recipe = recipe.model_copy(update={"dtype": dtype})
@@ -291,28 +122,79 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
     allow_pickle = bool(models_cfg.get("allow_pickle", False))
     revision = models_cfg.get("revision")  # the hub revision the search merged and scored
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         model_set = load_model_set(recipe.base, recipe.sources, tokenizer_source=recipe.tokenizer_source,
                                    allow_pickle=allow_pickle, revision=revision)  # once: merge and card share it
         merge_to_folder(recipe, tmp, max_shard_size=max_shard_size, dtype=dtype, device=device,
                         allow_pickle=allow_pickle, revision=revision, model_set=model_set)
         atomic_write(tmp / "recipe.json", recipe.to_json() + "\n")
         atomic_write(tmp / "mergekit.yaml", to_mergekit_yaml(recipe, model_set.num_layers, model_set.layout))
-        plot: str | None = PLOT_NAME
-        try:
-            from evomerge.report import draw_report
-
-            draw_report(view, tmp / PLOT_NAME, highlight=member.id)
-        except Exception as err:  # a plot must never cost the user the export
-            log.warning("could not draw the front plot for the model card: %s", err)
-            plot = None
+        plot = _draw_plot(view, tmp, member.id)
         card = render_model_card(title=title or out.name, recipe=recipe, num_layers=model_set.num_layers, member=member,
                                  heldout=view.heldout.get(member.id), objectives=view.objectives,
                                  references=view.references, settings=search_settings(view), plot=plot)
         atomic_write(tmp / "README.md", card)
+
+    _write_folder(out, write)
+    return out, member
+
+
+def _export_path_member(view: RunView, member: EvaluationRecord, out: Path, *, dtype: str | None,
+                        max_shard_size: str | int, title: str | None) -> Path:
+    """A data-flow member as a plain model: the path's layers stacked, scales folded into o_proj/down_proj."""
+    from evomerge.merge.layer_stack import stack_from_path, stack_to_mergekit_yaml, write_stack
+    from evomerge.merge.path_recipe import PathRecipe
+    from evomerge.merge.run_member import member_provenance
+    from evomerge.merge.sources import resolve_source
+
+    recipe = PathRecipe.from_dict(member.recipe or {})
+    if dtype:
+        recipe = recipe.model_copy(update={"dtype": dtype})
+    models_cfg = view.config.get("models") or {}
+    allow_pickle = bool(models_cfg.get("allow_pickle", False))
+    revision = models_cfg.get("revision")
+    upstream: dict[str, Any] = {}
+    for ref in recipe.models_used():  # a member of an earlier run carries its own recipe: the card records both
+        prov = member_provenance(resolve_source(ref, allow_pickle=allow_pickle, revision=revision).path)
+        if prov is not None:
+            upstream[ref] = prov
+    stack = stack_from_path(recipe)
+
+    def write(tmp: Path) -> None:
+        write_stack(stack, tmp, max_shard_size=max_shard_size, dtype=dtype, allow_pickle=allow_pickle,
+                    revision=revision)
+        atomic_write(tmp / "recipe.json", recipe.to_json() + "\n")
+        atomic_write(tmp / "mergekit.yaml", stack_to_mergekit_yaml(stack))
+        plot = _draw_plot(view, tmp, member.id)
+        card = render_path_card(title=title or out.name, recipe=recipe, member=member,
+                                heldout=view.heldout.get(member.id), objectives=view.objectives,
+                                references=view.references, settings=search_settings(view), upstream=upstream,
+                                plot=plot)
+        atomic_write(tmp / "README.md", card)
+
+    _write_folder(out, write)
+    return out
+
+
+def _draw_plot(view: RunView, folder: Path, highlight: str) -> str | None:
+    """The front plot for the card, or None: a plot must never cost the user the export."""
+    try:
+        from evomerge.report import draw_report
+
+        draw_report(view, folder / PLOT_NAME, highlight=highlight)
+        return PLOT_NAME
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not draw the front plot for the model card: %s", err)
+        return None
+
+
+def _write_folder(out: Path, write: Any) -> None:
+    """Run ``write(tmp)`` in a hidden sibling folder, then rename it to ``out``: never a half folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -324,7 +206,6 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, member
 
 
 # -- pushing --------------------------------------------------------------------------------

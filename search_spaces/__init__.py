@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``cls(cfg, model_set)`` and may add checks in a ``check(cfg, model_set)`` classmethod.
 SPACES: Registry[type[SearchSpace]] = Registry("search space", {
     "layerwise": "search_spaces.layerwise:LayerwiseSpace",
+    "dataflow": "search_spaces.dataflow:DataflowSpace",
 }, error=ConfigError)
 
 
@@ -46,6 +47,11 @@ def check_space(cfg: "SearchConfig", model_set: Any) -> None:
     from evomerge.merge.methods import check_methods_usable
 
     cls = _space_class(cfg.space.name)
+    if not getattr(cls, "parameter_space", True):  # a data-flow space merges no weights: its own checks only
+        check = getattr(cls, "check", None)
+        if check is not None:
+            check(cfg, model_set)
+        return
     try:
         check_methods_usable(cfg.merge.methods, n_sources=len(model_set.sources),
                              has_base=model_set.base is not None, where="merge.methods")
@@ -61,7 +67,7 @@ def check_space(cfg: "SearchConfig", model_set: Any) -> None:
         )
     init = cfg.space.init
     if init not in (None, "uniform"):  # read now, not when the optimizer starts after Ray is up
-        from evomerge.merge.materialise import load_recipe_file
+        from evomerge.merge.recipe_files import load_recipe_file
 
         try:
             load_recipe_file(init)

@@ -23,6 +23,9 @@ class SearchSpace(ABC):
 
     #: registry name (``space.name`` in the config)
     name: str = ""
+    #: True when candidates are weight merges (``MergeRecipe``): ``merge.methods`` and the layer
+    #: groups apply. A data-flow space (``PathRecipe``) sets it False and checks its own keys.
+    parameter_space: bool = True
 
     @abstractmethod
     def parametrization(self) -> ng.p.Parameter:

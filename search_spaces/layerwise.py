@@ -237,6 +237,9 @@ class LayerwiseSpace(SearchSpace):
         a method outside ``merge.methods``, or uses several methods where the space has
         one method gene.
         """
+        if not isinstance(recipe, MergeRecipe):
+            raise RecipeError(f"the layerwise space starts from a parameter-space recipe; this is a "
+                              f"{type(recipe).__name__} (a layer path): use it with space.name: dataflow")
         names = self._recipe_source_names(recipe)
         value = _copy(self._uniform)
         slot_method: dict[int, tuple[str, str]] = {}
@@ -317,7 +320,7 @@ class LayerwiseSpace(SearchSpace):
         init = self.cfg.space.init
         if init is None or init == "uniform":
             return _copy(self._uniform)
-        from evomerge.merge.materialise import load_recipe_file
+        from evomerge.merge.recipe_files import load_recipe_file
 
         try:
             return self.from_recipe(load_recipe_file(init))

@@ -254,7 +254,7 @@ def test_cli_merge_recipe_json(tiny_models, merged, tmp_path, capsys):
 
 
 def test_load_recipe_file_mergekit_yaml(tiny_models, tmp_path):
-    from evomerge.merge.materialise import load_recipe_file
+    from evomerge.merge.recipe_files import load_recipe_file
 
     y = tmp_path / "m.yaml"
     y.write_text(

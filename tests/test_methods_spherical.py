@@ -402,7 +402,7 @@ def test_mergekit_tables_name_mergekit_s_parameters():
 
 
 def test_evomerge_reads_the_yaml_file(tmp_path):
-    from evomerge.merge.materialise import load_recipe_file
+    from evomerge.merge.recipe_files import load_recipe_file
 
     path = tmp_path / "merge.yaml"
     path.write_text(HANDWRITTEN)

@@ -50,6 +50,26 @@ def _evomerge(*args: str) -> list[str]:
 def test_sigkill_then_resume_is_lossless(ray_address, tiny_models, tmp_path):
     cfg_a = search_config(tiny_models, tmp_path, run_dir=tmp_path / "a", evaluations=BUDGET, actors=1, seed=5,
                           output={"checkpoint_every": 3})
+    _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_lossless_in_the_dataflow_space(ray_address, tiny_models, tmp_path):
+    """The same guarantee for layer paths: path recipes replay, and references are each source's own path."""
+    cfg_a = search_config(tiny_models, tmp_path, run_dir=tmp_path / "a", evaluations=BUDGET, actors=1, seed=5,
+                          output={"checkpoint_every": 3})
+    cfg_a["models"] = {"sources": tiny_models.source_refs[:2]}
+    cfg_a["space"] = {"name": "dataflow", "repeats": 2, "max_path_length": 6}
+    del cfg_a["merge"]
+    _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path)
+    logged = records(tmp_path / "b")
+    assert all(r["recipe"]["kind"] == "dataflow" for r in logged)
+    assert len({canon(r["recipe"]) for r in logged}) > 3  # the search moved off model A's own path
+    refs = records(tmp_path / "b", "reference")
+    assert sorted(r["label"] for r in refs) == sorted(f"source:{s}" for s in tiny_models.source_refs[:2])
+
+
+def _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path):
     cfg_b = {**cfg_a, "output": {**cfg_a["output"], "run_dir": str(tmp_path / "b")}}
     path_a, path_b = write_config(cfg_a, tmp_path / "a.yaml"), write_config(cfg_b, tmp_path / "b.yaml")
     run_a, run_b = tmp_path / "a", tmp_path / "b"

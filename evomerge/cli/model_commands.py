@@ -11,23 +11,35 @@ import time
 
 from evomerge.errors import EvomergeError, SourceError
 from evomerge.export import check_repo_id, export_member, push_folder
-from evomerge.merge.materialise import load_recipe_file, merge_to_folder
+from evomerge.merge.materialise import merge_to_folder
+from evomerge.merge.recipe_files import load_recipe_file
 
 
 def merge_command(args: argparse.Namespace) -> int:
     """``evomerge merge RECIPE --out DIR``: one merge, streamed to a HF folder."""
     t0 = time.perf_counter()
+    from evomerge.merge.layer_stack import LayerStack, stack_from_path, write_stack
+    from evomerge.merge.path_recipe import PathRecipe
+
     recipe = load_recipe_file(args.recipe)
     try:
-        out = merge_to_folder(recipe, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                              device=args.device, allow_pickle=args.allow_pickle)
+        if isinstance(recipe, (PathRecipe, LayerStack)):
+            # a data-flow path or a layer stack: layers copied (scales folded), no tensor math
+            # that a --device would speed up, so --device is not used
+            stack = stack_from_path(recipe) if isinstance(recipe, PathRecipe) else recipe
+            out = write_stack(stack, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                              allow_pickle=args.allow_pickle)
+            what = f"stacked {len(stack.layers)} layer(s) from {len(stack.models)} model(s)"
+        else:
+            out = merge_to_folder(recipe, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                  device=args.device, allow_pickle=args.allow_pickle)
+            what = f"merged {len(recipe.sources)} source(s)"
     except EvomergeError:
         raise
     except (OSError, MemoryError) as err:
         raise SourceError(f"merge into {args.out} failed: {type(err).__name__}: {err}") from None
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
-    print(f"merged {len(recipe.sources)} source(s) into {out} ({len(files)} weight file(s), "
-          f"{time.perf_counter() - t0:.1f}s)")
+    print(f"{what} into {out} ({len(files)} weight file(s), {time.perf_counter() - t0:.1f}s)")
     return 0
 
 

@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import ConfigError, RecipeError, read_utf8
+from evomerge.errors import ConfigError, RecipeError
 from evomerge.fileio import atomic_file, fsync_dir
 from evomerge.merge.dtypes import FLOATS, ITEMSIZE, OUTPUT_DTYPES, ST_CODES, torch_dtype
 from evomerge.merge.inplace import InPlaceMerger
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from evomerge.merge.sources import ModelSet
 
 # InPlaceMerger (inplace.py) and validate_recipe (validate.py) are also reached through here.
-__all__ = ["InPlaceMerger", "file_in_the_way", "load_recipe_file", "merge_to_folder", "parse_size",
+__all__ = ["InPlaceMerger", "file_in_the_way", "merge_to_folder", "parse_size",
            "stream_merge", "validate_recipe"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -264,20 +264,3 @@ def merge_to_folder(recipe: MergeRecipe, out_dir: str | Path, *, max_shard_size:
     finally:
         for m in model_set.models:
             m.close()
-
-
-# -- files and the command line ---------------------------------------------------------------
-def load_recipe_file(path: str | Path) -> MergeRecipe:
-    """A recipe from ``recipe.json`` or a mergekit YAML (model paths relative to the YAML's folder)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"recipe file {p} does not exist; pass a recipe.json or a mergekit YAML")
-    text = read_utf8(p, RecipeError)  # bad bytes: one line, not a UnicodeDecodeError traceback
-    if p.suffix.lower() in (".yaml", ".yml"):
-        from evomerge.merge.mergekit_import import from_mergekit_yaml
-
-        return from_mergekit_yaml(text, base_dir=p.parent)
-    try:
-        return MergeRecipe.from_json(text)
-    except RecipeError as err:
-        raise RecipeError(f"{p}: {err}") from None

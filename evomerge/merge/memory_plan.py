@@ -195,6 +195,16 @@ def plan_mode(sizes: ModelSizes, mode: str, *, device_type: str, headroom_bytes:
                      host_bytes=sum(b for _, b in host), parts=tuple(dev + host))
 
 
+def path_residency(sizes: ModelSizes, *, device_type: str, headroom_bytes: int = 0) -> Residency:
+    """A data-flow actor's memory: every source loaded once (layers are shared by reference
+    between candidate paths, so a path adds nothing), plus the evaluation headroom."""
+    device_type = _device_type(device_type)
+    models = sizes.sources * sizes.elements * sizes.live_itemsize
+    parts = (("models", models), ("headroom", int(headroom_bytes)))
+    return Residency(mode="paths", device_type=device_type, device_bytes=models + int(headroom_bytes),
+                     host_bytes=0, parts=parts)
+
+
 def residency_options(sizes: ModelSizes, *, device_type: str, headroom_bytes: int) -> list[Residency]:
     """Every mode ``device_type`` offers, fastest first (CPU: resident_sorted, resident,
     streaming; GPU: resident, host, streaming - presort stays off on GPUs by default)."""

@@ -23,11 +23,12 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from evomerge.errors import SourceError
 from evomerge.merge.dtypes import ST_DTYPES
 from evomerge.merge.groups import Layout, TensorGroup, detect_layout, group_tensors, num_layers
+from evomerge.registry import Registry
 
 if TYPE_CHECKING:  # torch is slow to import; only needed when tensors are read
     import torch
@@ -42,6 +43,14 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 #: Training leftovers that sit next to weights but are not weights.
 _NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|trainer_state|scaler)\.(bin|pt|pth)$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+#: Model refs that are neither a folder nor a hub id, by kind -> the function giving their folder.
+#: ``<run dir>#<evaluation id | knee>`` is a member of an earlier run, merged once into
+#: ``<run dir>/members/<id>/`` (``evomerge.merge.run_member``). A lazy "module:attribute" entry, as in
+#: the plug-in registries (``evomerge.registry``): run_member merges through ``materialise``, which
+#: resolves its models here, so importing it from this module would close an import circle.
+RUN_MEMBER = "run member"
+REF_KINDS: Registry[Callable[[str], Path]] = Registry(
+    "model ref kind", {RUN_MEMBER: "evomerge.merge.run_member:member_folder"}, SourceError)
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 class ModelSource:
     """One model: its folder, config and a lazy, memory-mapped view of its tensors.
 
-    ``ref`` is the string the user wrote (a path or a hub id); recipes name models by it.
+    ``ref`` is the string the user wrote (a path, a hub id or a run member such as
+    ``runs/demo#knee``); recipes name models by it, and ``path`` is where its files are.
     File handles are opened on first use and dropped when pickled, so a source can be
     sent to a Ray actor and re-opened there.
     """
@@ -254,12 +264,19 @@ def _read_json(path: Path, ref: str) -> dict[str, Any]:
 
 
 def _locate(ref: str, *, revision: str | None, patterns: list[str]) -> Path:
-    """A local folder for ``ref``: the path itself if it exists, else a hub snapshot."""
+    """A local folder for ``ref``: the path itself if it exists, a run member's folder, else a hub snapshot.
+
+    A run member (``<run dir>#<evaluation id>`` or ``<run dir>#knee``) is merged once into
+    ``<run dir>/members/<id>/`` (``evomerge.merge.run_member``); a real folder whose name
+    holds '#' is taken as it is.
+    """
     p = Path(ref).expanduser()
     if p.exists():
         if not p.is_dir():
             raise SourceError(f"model {ref}: {p} is a file; pass the model's folder (with config.json)")
         return p
+    if "#" in ref:  # ``runs/demo#e000218`` / ``runs/demo#knee``: a member of an earlier run (no hub id has '#')
+        return REF_KINDS.get(RUN_MEMBER)(ref)
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or not _REPO_ID.match(ref)
     if looks_local:
         raise SourceError(f"model {ref}: folder {p} does not exist; check the path (relative paths are "

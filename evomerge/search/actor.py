@@ -2,9 +2,10 @@
 
 Why an actor (not tasks): loading the sources, precomputing task vectors and building
 the lm-eval task objects is expensive, and must happen once per device, not once per
-candidate. Each actor therefore owns, for its whole life, one live model, one
-``InPlaceMerger`` (sources / task vectors resident on its device or host) and one
-``ObjectiveSet``. A candidate is only a small recipe dict in and a small score dict out:
+candidate. Each actor therefore owns, for its whole life, one live model and one
+``InPlaceMerger`` (sources / task vectors resident on its device or host) -- or, for a
+data-flow search, one ``PathModel`` (every source loaded once; a candidate path is a new
+list of layers shared by reference) -- and one ``ObjectiveSet``. A candidate is only a small recipe dict in and a small score dict out:
 weights never cross the object store (sources are read from disk on the actor's node).
 
 Failures: any exception while merging or evaluating becomes a ``failed`` result with
@@ -79,6 +80,9 @@ class CandidateEvaluator:
             self.startup_error = f"actor {actor_index} on node {self.node}: {err}"
             self.load_s = time.perf_counter() - t0
             return
+        from evomerge.search.memory import is_path_search
+
+        self.path_search = is_path_search(self.cfg)
         try:  # before a single weight is loaded: a plan that cannot fit is one line, not an OOM later
             from evomerge.search.memory import plan_residency
 
@@ -87,16 +91,25 @@ class CandidateEvaluator:
             self.startup_error = f"actor {actor_index} on node {self.node}: {err}"
             self.load_s = time.perf_counter() - t0
             return
-        live_path = self.model_set.base.path if self.model_set.base is not None else self.model_set.sources[0].path
         dtype = getattr(torch, _DTYPES[self.cfg.merge.dtype])
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(live_path), dtype=dtype, trust_remote_code=m.trust_remote_code,
-            use_safetensors=None if m.allow_pickle else True,
-        ).to(device)
-        self.model.eval()
-        self.merger = InPlaceMerger(self.model, self.model_set, device=device,
-                                    compute_dtype=getattr(torch, self.cfg.merge.compute_dtype),
-                                    residency=self.residency.mode, fused=self.cfg.merge.fused)
+        self.merger: Any = None
+        self.paths: Any = None
+        if self.path_search:  # every source once; a candidate is a new list of shared layers
+            from evomerge.merge.path_model import PathModel
+
+            self.paths = PathModel(self.model_set, device=device, dtype=dtype, trust_remote_code=m.trust_remote_code,
+                                   allow_pickle=m.allow_pickle)
+            self.model: Any = None
+        else:
+            live_path = self.model_set.base.path if self.model_set.base is not None else self.model_set.sources[0].path
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(live_path), dtype=dtype, trust_remote_code=m.trust_remote_code,
+                use_safetensors=None if m.allow_pickle else True,
+            ).to(device)
+            self.model.eval()
+            self.merger = InPlaceMerger(self.model, self.model_set, device=device,
+                                        compute_dtype=getattr(torch, self.cfg.merge.compute_dtype),
+                                        residency=self.residency.mode, fused=self.cfg.merge.fused)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_set.tokenizer_path),
                                                        trust_remote_code=m.trust_remote_code)
         self.objectives = build_objectives(self.cfg, self.tokenizer, device)
@@ -124,19 +137,26 @@ class CandidateEvaluator:
         """
         import torch
 
-        from evomerge.merge.recipe import MergeRecipe
+        from evomerge.merge.path_recipe import PathRecipe
+        from evomerge.merge.recipes import recipe_from_dict
 
         result: dict[str, Any] = {"id": candidate_id, "split": split, "actor": self.actor_index,
                                   "pid": os.getpid(), "scores": {}, "status": Status.OK.value, "error": None,
                                   "timings": {"merge_s": 0.0, "eval_s": 0.0}}
         stage = "merge"
         try:
-            recipe = MergeRecipe.from_dict(recipe_dict)
+            recipe = recipe_from_dict(recipe_dict)
+            if self.path_search != isinstance(recipe, PathRecipe):
+                raise ValueError(f"this actor searches {'layer paths' if self.path_search else 'weight merges'} "
+                                 f"and cannot materialise a {type(recipe).__name__}")
             key = recipe.content_hash()
             t0 = time.perf_counter()
             if key != self._current:
                 self._current = None  # a merge that fails half-way leaves the model undefined
-                self.merger.apply(recipe)
+                if self.path_search:  # layers shared by reference, no weight copied
+                    self.model = self.paths.apply(recipe)
+                else:
+                    self.merger.apply(recipe)
                 self._current = key
             t1 = time.perf_counter()
             stage = "evaluation"

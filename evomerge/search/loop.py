@@ -94,9 +94,9 @@ class Search:
     # -- setup ----------------------------------------------------------------------
     def _key(self, recipe: dict[str, Any]) -> str:
         from evaluators import evaluation_key
-        from evomerge.merge.recipe import MergeRecipe
+        from evomerge.merge.recipes import recipe_from_dict
 
-        return evaluation_key(MergeRecipe.from_dict(recipe), self.cfg)
+        return evaluation_key(recipe_from_dict(recipe), self.cfg)
 
     def _start(self) -> list[Record]:
         from search_spaces.optimizers import make_optimizer
@@ -308,12 +308,19 @@ class Search:
                     self._save_weights(eid, self.records_by_id[eid].recipe or {}, out)
 
     def _save_weights(self, eid: str, recipe: dict[str, Any], out: Path) -> None:
+        from evomerge.merge.layer_stack import stack_from_path, write_stack
         from evomerge.merge.materialise import merge_to_folder
-        from evomerge.merge.recipe import MergeRecipe
+        from evomerge.merge.path_recipe import PathRecipe
+        from evomerge.merge.recipes import recipe_from_dict
 
         try:
-            merge_to_folder(MergeRecipe.from_dict(recipe), out, allow_pickle=self.cfg.models.allow_pickle,
+            parsed = recipe_from_dict(recipe)
+            if isinstance(parsed, PathRecipe):
+                write_stack(stack_from_path(parsed), out, allow_pickle=self.cfg.models.allow_pickle,
                             revision=self.cfg.models.revision)
+            else:
+                merge_to_folder(parsed, out, allow_pickle=self.cfg.models.allow_pickle,
+                                revision=self.cfg.models.revision)
         except Exception as err:  # noqa: BLE001 - a failed export must not stop the search
             log.warning("could not save weights of front member %s: %s", eid, err)
 

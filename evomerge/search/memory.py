@@ -16,10 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.config import SearchConfig
-from evomerge.merge.memory_plan import ModelSizes, Residency, available_memory, choose_residency, residency_options
+from evomerge.merge.memory_plan import (ModelSizes, Residency, available_memory, choose_residency, path_residency,
+                                       residency_options)
 from evomerge.merge.sources import ModelSet
 
 GB = 1024**3
+
+
+def is_path_search(cfg: SearchConfig) -> bool:
+    """True when the configured space searches layer paths (``PathRecipe``), not weight merges."""
+    from search_spaces import SPACES
+
+    return not getattr(SPACES.get(cfg.space.name, where="space.name"), "parameter_space", True)
 
 
 def configured_mode(cfg: SearchConfig, device_type: str) -> str:
@@ -38,13 +46,18 @@ def plan_residency(cfg: SearchConfig, model_set: ModelSet, device_type: str, *, 
     measured here when not given.
     """
     sizes = ModelSizes.from_model_set(model_set, live_dtype=cfg.merge.dtype, compute_dtype=cfg.merge.compute_dtype)
-    options = residency_options(sizes, device_type=device_type, headroom_bytes=int(cfg.ray.eval_headroom_gb * GB))
+    headroom = int(cfg.ray.eval_headroom_gb * GB)
+    mode = configured_mode(cfg, device_type)
+    if is_path_search(cfg):  # no task vectors: every source once, whatever ray.memory_mode says
+        options = [path_residency(sizes, device_type=device_type, headroom_bytes=headroom)]
+        mode = "auto"
+    else:
+        options = residency_options(sizes, device_type=device_type, headroom_bytes=headroom)
     device_free, host_free = free if free is not None else available_memory(device_type)
     cap = int(cfg.ray.actor_memory_gb * GB) if cfg.ray.actor_memory_gb is not None else None
     if cap is None and share > 1:
         device_free, host_free = device_free // share, host_free // share
-    chosen = choose_residency(options, device_free=device_free, host_free=host_free, cap_bytes=cap,
-                              mode=configured_mode(cfg, device_type))
+    chosen = choose_residency(options, device_free=device_free, host_free=host_free, cap_bytes=cap, mode=mode)
     return chosen, options
 
 

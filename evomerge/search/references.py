@@ -28,6 +28,8 @@ def reference_recipes(plan: SearchPlan) -> list[tuple[str, dict[str, Any]]]:
     from evomerge.merge.recipe import GroupRecipe, MergeRecipe
 
     cfg = plan.cfg
+    if not plan.space.parameter_space:  # a data-flow search: each model's own path is its baseline
+        return path_references(plan)
     sources = [s.ref for s in plan.model_set.sources]
     base = plan.model_set.base.ref if plan.model_set.base is not None else None
 
@@ -43,6 +45,26 @@ def reference_recipes(plan: SearchPlan) -> list[tuple[str, dict[str, Any]]]:
                 for s in sources]
     if base is not None:
         out.append((BASE, recipe("task_arithmetic", {}, {s: 0.0 for s in sources})))
+    return out
+
+
+def path_references(plan: SearchPlan) -> list[tuple[str, dict[str, Any]]]:
+    """Each source alone, as the path of its own layers at scale 1 with its own embeddings.
+
+    No uniform average: averaging weights is the other space's baseline; a data-flow
+    search is judged against the models it stacks (a parameter-space winner among them,
+    when chained)."""
+    from evomerge.merge.path_recipe import PathRecipe, PathStep
+    from search_spaces.dataflow import model_layers
+
+    models = [s.ref for s in plan.model_set.sources]
+    layers = model_layers(plan.model_set)
+    out = []
+    for ref in models:
+        recipe = PathRecipe(models=list(models), embed_from=ref, dtype=plan.cfg.merge.dtype,
+                            tokenizer_source=plan.cfg.models.tokenizer_source,
+                            path=[PathStep(model=ref, layer=i) for i in range(layers[ref])])
+        out.append((source_label(ref), recipe.to_dict()))
     return out
 
 
