@@ -158,24 +158,42 @@ class ObjectiveSet:
         #: evaluator reports them (lm_eval does on the heldout split): paired comparisons need them
         self.last_items: dict[str, list[float]] = {}
 
-    def evaluate(self, model: Any, split: Split = "selection") -> dict[str, float]:
-        """Score the live model on every objective: {objective name: value}."""
+    def evaluate(self, model: Any, split: Split = "selection",
+                 items: Mapping[str, Sequence[int]] | None = None) -> dict[str, float]:
+        """Score the live model on every objective: {objective name: value}.
+
+        ``items``: a screen (``evaluation.fidelity``): {objective: positions of its selection
+        items}; each objective is scored on those items only (the mean of their values) and
+        ``last_items`` holds their per-item values, in sorted position order. Only
+        single-measurement objectives of evaluators that take ``items`` can be screened.
+        """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         measurements: dict[str, float] = {}
-        items: dict[str, list[float]] = {}
+        per_item: dict[str, list[float]] = {}
         self.last_timings = {}
+        by_key = None
+        if items is not None:
+            by_key = {}
+            for name, positions in items.items():
+                kind, terms = self._terms[name]
+                if len(terms) != 1 or terms[0].weight != 1.0:
+                    raise EvaluatorError(f"objective {name!r} sums several metrics and cannot be screened")
+                by_key.setdefault(kind, {})[terms[0].key] = list(positions)
         for kind, ev in self.evaluators.items():
+            if by_key is not None and kind not in by_key:
+                continue
             t0 = time.perf_counter()
-            measurements.update(ev(model, split))
-            items.update(getattr(ev, "last_items", None) or {})
+            measurements.update(ev(model, split) if by_key is None else ev(model, split, items=by_key[kind]))
+            per_item.update(getattr(ev, "last_items", None) or {})
             self.last_timings[kind] = time.perf_counter() - t0
         self.last_items = {}
         for o in self.objectives:
             terms = self._terms[o.name][1]
-            if len(terms) == 1 and terms[0].weight == 1.0 and terms[0].key in items:
-                self.last_items[o.name] = items[terms[0].key]
-        return {o.name: combine(self._terms[o.name][1], measurements) for o in self.objectives}
+            if len(terms) == 1 and terms[0].weight == 1.0 and terms[0].key in per_item:
+                self.last_items[o.name] = per_item[terms[0].key]
+        names = [o.name for o in self.objectives if items is None or o.name in items]
+        return {n: combine(self._terms[n][1], measurements) for n in names}
 
 
 def build_objectives(cfg: SearchConfig, tokenizer: Any, device: Any = "cpu") -> ObjectiveSet:

@@ -305,10 +305,49 @@ class OutputConfig(_Strict):
     save_front_weights: bool = False
 
 
+class FidelityConfig(_Strict):
+    """Multi-fidelity promotion: screen every candidate on a few items, score in full only those that
+    could still enter the Pareto front (``evomerge.search.fidelity``)."""
+
+    screen_items: Int = Field(16, ge=1, description="Items per objective a candidate is screened on: a fixed "
+                              "subset of the selection items (or the IRT anchors), the same for every candidate.")
+    min_probability: Float = Field(0.1, gt=0, le=1, description="A screened candidate is scored in full when the "
+                                   "probability that its full scores would not be dominated by the current front is "
+                                   "at least this.")
+    confidence: Float = Field(0.9, gt=0, lt=1, description="Level of the interval a screen's estimate is shown with.")
+
+
+class IrtConfig(_Strict):
+    """Item response theory anchors (``evaluation.estimator: irt``, ``evomerge.irt``)."""
+
+    calibration: Int = Field(32, ge=2, description="Candidates scored in full before the IRT model is fitted "
+                             "(with the references) and the anchors are chosen.")
+
+
 class EvaluationConfig(_Strict):
     include_paths: list[str] = Field(default_factory=list, description="Extra lm-eval task folders.")
     rescore_heldout: bool = True
     cache: bool = True
+    fidelity: FidelityConfig | None = Field(None, description="Screen candidates on a few items first; "
+                                            "null (default): every candidate is scored on every item.")
+    estimator: Literal["subset", "irt"] = Field(
+        "subset", description="How a screen becomes an estimate: the mean over a fixed random subset, or an IRT "
+        "model's estimate from anchor items (needs fidelity).")
+    irt: IrtConfig = Field(default_factory=IrtConfig)
+    record_items: bool = Field(False, description="Log every candidate's per-item selection values (always on "
+                               "when screening): the item-response data a later analysis needs.")
+
+    @model_validator(mode="after")
+    def _irt_needs_fidelity(self) -> "EvaluationConfig":
+        if self.estimator == "irt" and self.fidelity is None:
+            raise ValueError("estimator irt scores candidates on anchor items, which is a screen; add "
+                             "fidelity: {screen_items: 16} (or use estimator: subset)")
+        return self
+
+    @property
+    def wants_items(self) -> bool:
+        """True when candidates' per-item selection values are logged."""
+        return self.record_items or self.fidelity is not None
 
 
 class SearchConfig(_Strict):

@@ -3,7 +3,7 @@
 The log is the run's source of truth (``docs/architecture.md``): the driver appends to
 it, resume replays it, and ``status``/``plot``/``export`` read it. Every one of them goes
 through this module, so a record's fields, their types and the words ``ok``/``failed``/
-``evaluation``/``reference``/``heldout`` are defined once. Records are written as plain
+``evaluation``/``reference``/``heldout``/``screen`` are defined once. Records are written as plain
 JSON objects (``to_json``), field for field as older versions wrote them, so old run
 directories read and resume unchanged; fields a newer version adds are optional here.
 """
@@ -25,6 +25,14 @@ class Kind(str, Enum):
     EVALUATION = "evaluation"  # a search candidate scored on the selection split
     REFERENCE = "reference"  # a baseline (uniform average, one source alone, the base)
     HELDOUT = "heldout"  # a front member re-scored on the held-out split
+    SCREEN = "screen"  # a candidate's low-fidelity screen that promoted it to a full evaluation
+
+
+class Fidelity(str, Enum):
+    """How a candidate's selection scores were obtained (``evaluation.fidelity``)."""
+
+    FULL = "full"  # measured on every selection item: the only scores the front holds
+    SCREEN = "screen"  # estimated from a few items (a fixed subset, or IRT anchors): told, never on the front
 
 
 class Status(str, Enum):
@@ -84,6 +92,12 @@ class EvaluationRecord:
     num_workers: int | None = None
     asked_at: float | None = None
     finished_at: float | None = None
+    #: None (older logs, and runs without ``evaluation.fidelity``) means measured in full
+    fidelity: Fidelity | None = None
+    #: the low-fidelity screen when there was one: estimator, estimates, interval, items, promoted
+    screen: dict[str, Any] | None = None
+    #: per-item selection values (``evaluation.record_items``, or a run that screens)
+    items: dict[str, list[float]] | None = None
 
     kind = Kind.EVALUATION
 
@@ -91,12 +105,24 @@ class EvaluationRecord:
     def ok(self) -> bool:
         return self.status is Status.OK
 
+    @property
+    def measured(self) -> bool:
+        """True when the scores are measurements on every selection item (not a screen's estimate)."""
+        return self.fidelity is not Fidelity.SCREEN
+
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "id": self.id, "index": self.index, "asked": self.asked,
-                "recipe": self.recipe, "value": self.value, "key": self.key, "scores": self.scores,
-                "losses": self.losses, "status": self.status.value, "error": self.error, "timings": self.timings,
-                "actor": self.actor, "attempts": self.attempts, "cached_from": self.cached_from,
-                "num_workers": self.num_workers, "asked_at": self.asked_at, "finished_at": self.finished_at}
+        out = {"kind": self.kind.value, "id": self.id, "index": self.index, "asked": self.asked,
+               "recipe": self.recipe, "value": self.value, "key": self.key, "scores": self.scores,
+               "losses": self.losses, "status": self.status.value, "error": self.error, "timings": self.timings,
+               "actor": self.actor, "attempts": self.attempts, "cached_from": self.cached_from,
+               "num_workers": self.num_workers, "asked_at": self.asked_at, "finished_at": self.finished_at}
+        if self.fidelity is not None:  # written only when set: a run without screening logs what it always did
+            out["fidelity"] = self.fidelity.value
+        if self.screen is not None:
+            out["screen"] = self.screen
+        if self.items:
+            out["items"] = self.items
+        return out
 
 
 @dataclass
@@ -112,6 +138,7 @@ class ReferenceRecord:
     error: str | None = None
     timings: dict[str, float] | None = None
     finished_at: float | None = None
+    items: dict[str, list[float]] | None = None  # per-item selection values (IRT calibration, record_items)
 
     kind = Kind.REFERENCE
 
@@ -124,9 +151,12 @@ class ReferenceRecord:
         return short_label(self.label)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "label": self.label, "recipe": self.recipe, "scores": self.scores,
-                "heldout": self.heldout, "heldout_items": self.heldout_items, "status": self.status.value,
-                "error": self.error, "timings": self.timings, "finished_at": self.finished_at}
+        out = {"kind": self.kind.value, "label": self.label, "recipe": self.recipe, "scores": self.scores,
+               "heldout": self.heldout, "heldout_items": self.heldout_items, "status": self.status.value,
+               "error": self.error, "timings": self.timings, "finished_at": self.finished_at}
+        if self.items:
+            out["items"] = self.items
+        return out
 
 
 @dataclass
@@ -154,7 +184,29 @@ class HeldoutRecord:
         return out
 
 
-Record = Union[EvaluationRecord, ReferenceRecord, HeldoutRecord]
+@dataclass
+class ScreenRecord:
+    """A candidate's screen that promoted it: logged before its full evaluation is dispatched, so a
+    resume after a crash evaluates it in full at once instead of screening it again (the decision
+    was made against the front of that moment, which a resumed session cannot rebuild)."""
+
+    id: str
+    index: int
+    screen: dict[str, Any]
+    finished_at: float | None = None
+
+    kind = Kind.SCREEN
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "id": self.id, "index": self.index, "screen": self.screen,
+                "finished_at": self.finished_at}
+
+
+Record = Union[EvaluationRecord, ReferenceRecord, HeldoutRecord, ScreenRecord]
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -182,6 +234,8 @@ _REQUIRED: dict[str, list[tuple[str, Any, str]]] = {
     ],
     Kind.HELDOUT.value: [("id", lambda v: isinstance(v, str), "a string")],
     Kind.REFERENCE.value: [("label", lambda v: isinstance(v, str), "a string")],
+    Kind.SCREEN.value: [("id", lambda v: isinstance(v, str), "a string"), ("index", _is_int, "an integer"),
+                        ("screen", lambda v: isinstance(v, dict), "an object")],
 }
 
 
@@ -206,7 +260,7 @@ def validate_record(rec: Mapping[str, Any], lineno: int, path: str | Path) -> No
             raise RunDirError(f"{path} line {lineno}: {kind} record's {name!r} is {type(rec[name]).__name__} "
                               f"{json.dumps(rec[name])[:40]}, not {what}; {fix}")
     ok_status = rec["status"] if kind == Kind.EVALUATION.value else rec.get("status", Status.OK.value)
-    if kind != Kind.REFERENCE.value and ok_status == Status.OK.value and not isinstance(rec.get("scores"), dict):
+    if kind not in (Kind.REFERENCE.value, Kind.SCREEN.value) and ok_status == Status.OK.value and not isinstance(rec.get("scores"), dict):
         what = "lacks 'scores'" if "scores" not in rec else f"has 'scores' {type(rec['scores']).__name__}, not an object"
         raise RunDirError(f"{path} line {lineno}: {kind} record with status ok {what}; {fix}")
 
@@ -226,12 +280,20 @@ def parse_record(rec: Mapping[str, Any], lineno: int = 0, path: str | Path = "ev
             scores=dict(rec.get("scores") or {}), value=rec.get("value"), key=rec.get("key"), error=rec.get("error"),
             timings=dict(rec.get("timings") or {}), actor=rec.get("actor"), attempts=int(rec.get("attempts") or 1),
             cached_from=rec.get("cached_from"), num_workers=rec.get("num_workers"), asked_at=rec.get("asked_at"),
-            finished_at=rec.get("finished_at"))
+            finished_at=rec.get("finished_at"),
+            fidelity=Fidelity(rec["fidelity"]) if rec.get("fidelity") in (Fidelity.FULL.value, Fidelity.SCREEN.value)
+            else None,
+            screen=rec.get("screen") if isinstance(rec.get("screen"), dict) else None,
+            items=rec.get("items") if isinstance(rec.get("items"), dict) else None)
+    if kind == Kind.SCREEN.value:
+        return ScreenRecord(id=rec["id"], index=int(rec["index"]), screen=dict(rec["screen"]),
+                            finished_at=rec.get("finished_at"))
     if kind == Kind.REFERENCE.value:
         return ReferenceRecord(
             label=rec["label"], recipe=rec.get("recipe"), status=_status(rec.get("status")),
             scores=dict(rec.get("scores") or {}), heldout=rec.get("heldout"), heldout_items=rec.get("heldout_items"),
-            error=rec.get("error"), timings=rec.get("timings"), finished_at=rec.get("finished_at"))
+            error=rec.get("error"), timings=rec.get("timings"), finished_at=rec.get("finished_at"),
+            items=rec.get("items") if isinstance(rec.get("items"), dict) else None)
     if kind == Kind.HELDOUT.value:
         items = rec.get("items")
         return HeldoutRecord(

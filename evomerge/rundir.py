@@ -42,9 +42,13 @@ REPORT_PNG = "report.png"
 COUNTERS = "counters.json"
 IDENTITY = "identity.json"
 MEMORY_PLAN = "memory_plan.json"
+IRT = "irt.json"
+#: members of this run merged for later runs that chain from it (``evomerge.merge.run_member``)
+MEMBERS_DIR = "members"
 #: every entry the run writes; --overwrite removes exactly these, nothing else (never LOCK:
 #: the overwriting command holds it while it clears the rest).
-RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG, IDENTITY, MEMORY_PLAN)
+RUN_ENTRIES = (CONFIG, EVALUATIONS, FRONT_JSON, STATE_DIR, FRONT_DIR, DRIVER_LOG, REPORT_PNG, IDENTITY, MEMORY_PLAN, IRT,
+               MEMBERS_DIR)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -345,6 +349,32 @@ class RunDir:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    # -- IRT anchors ----------------------------------------------------------------------
+    @property
+    def irt_path(self) -> Path:
+        return self.path / IRT
+
+    def save_irt(self, data: Mapping[str, Any]) -> None:
+        """irt.json: the fitted item parameters and anchors (``evaluation.estimator: irt``), written once.
+
+        Resume and ``status`` read these very numbers: refitting on resume could choose other
+        anchors, and the estimates already told would not be comparable."""
+        atomic_write(self.irt_path, json_text(dict(data)))
+
+    def load_irt(self) -> dict[str, Any] | None:
+        """The run's IRT fit, or None when the calibration has not finished (an unreadable file is an error:
+        a fit that cannot be read back cannot be reproduced)."""
+        if not self.irt_path.is_file():
+            return None
+        try:
+            data = json.loads(self.irt_path.read_text())
+        except ValueError as err:
+            raise RunDirError(f"{self.irt_path} is not valid JSON ({err}); restore it from a backup, or delete it "
+                              f"to fit the IRT model again from the log") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{self.irt_path} is not a JSON object; restore it or delete it to refit")
+        return data
 
     # -- counters -----------------------------------------------------------------------
     def save_counters(self, counters: Mapping[str, Any]) -> None:

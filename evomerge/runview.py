@@ -75,11 +75,17 @@ class RunView:
         return sum(1 for e in self.evaluations if not e.ok)
 
     def scored(self, e: EvaluationRecord) -> bool:
-        """``e`` succeeded with a finite score on every objective (a point the front can hold)."""
-        return e.ok and _complete(e.scores, self.objective_names)
+        """``e`` was measured (not a screen's estimate) with a finite score on every objective: a point
+        the front can hold."""
+        return e.ok and e.measured and _complete(e.scores, self.objective_names)
 
     def ok_evaluations(self) -> list[EvaluationRecord]:
         return [e for e in self.evaluations if self.scored(e)]
+
+    def estimated_evaluations(self) -> list[EvaluationRecord]:
+        """Candidates a screen estimated and did not promote (``evaluation.fidelity``): told to the
+        optimizer, shown apart, never on the front."""
+        return [e for e in self.evaluations if e.ok and not e.measured and _complete(e.scores, self.objective_names)]
 
     def get(self, eval_id: str) -> EvaluationRecord | None:
         for e in reversed(self.evaluations):  # a re-evaluation after resume wins

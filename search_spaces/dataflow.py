@@ -102,8 +102,9 @@ class DataflowSpace(SearchSpace):
         if model_set.base is not None:
             raise ConfigError("config field models.base: the dataflow space stacks the layers of models.sources "
                               "and uses no base; remove models.base")
-        for key in ("layer_group_size", "split", "bounds"):
-            if key in space.model_fields_set:
+        for key in ("layer_group_size", "split", "bounds"):  # compared with the defaults: a run dir's frozen
+            default = type(space).model_fields[key].get_default(call_default_factory=True)  # config writes them all
+            if getattr(space, key) != default:
                 raise ConfigError(f"config field space.{key}: applies to the layerwise space only; remove it "
                                   f"(the dataflow space uses repeats, scaling, scale_bounds, max_path_length, "
                                   f"fixed_ends and embed_from)")

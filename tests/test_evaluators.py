@@ -88,22 +88,18 @@ def test_score_equals_independent_greedy_exact_match(world, objset):
 def test_a_model_in_train_mode_is_scored_in_eval_mode_every_call(world, objset, monkeypatch):
     """The lm-eval wrapper is built once; every later call must still score without dropout
     and hand the model back in the mode it came in."""
-    import lm_eval.evaluator
-
     _, objs = objset
     live = copy.deepcopy(world["model"])
     modes: list[bool] = []
-    real = lm_eval.evaluator.evaluate
-
-    def spy(*args, **kwargs):
-        modes.append(any(m.training for m in live.modules()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lm_eval.evaluator, "evaluate", spy)
-    for _ in range(2):
-        live.train()
-        objs.evaluate(live)
-        assert live.training
+    # every forward pass the evaluator makes (either path: lm-eval's evaluate or the request cache)
+    live.register_forward_pre_hook(lambda module, args: modes.append(any(m.training for m in live.modules())))
+    ev = objs.evaluators["lm_eval"]
+    for cached in (True, False):
+        monkeypatch.setattr(ev, "use_request_cache", cached)
+        for _ in range(2):
+            live.train()
+            objs.evaluate(live)
+            assert live.training
     assert modes and not any(modes)
 
 

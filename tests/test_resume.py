@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +70,45 @@ def test_sigkill_then_resume_is_lossless_in_the_dataflow_space(ray_address, tiny
     assert sorted(r["label"] for r in refs) == sorted(f"source:{s}" for s in tiny_models.source_refs[:2])
 
 
-def _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path):
+def _promoted_in_flight(run_dir) -> bool:
+    """A screen promoted a candidate whose full evaluation has not finished."""
+    screened = {r["id"] for r in records(run_dir, "screen")}
+    return bool(screened - {r["id"] for r in records(run_dir)})
+
+
+@pytest.mark.slow
+def test_sigkill_with_a_promotion_in_flight_then_resume_is_lossless(ray_address, tmp_path):
+    """evaluation.fidelity: killed after a screen promoted a candidate and before its full evaluation
+    finished; the resume measures that candidate at once (no second screen), and the run equals an
+    uninterrupted one, estimates, promotions and all."""
+    root = Path(__file__).resolve().parents[1] / "models" / "demo"
+    cfg_a = {
+        "name": "fid", "models": {"base": str(root / "base"), "sources": [str(root / "sort"), str(root / "upper")]},
+        "merge": {"methods": ["ties"]}, "space": {"name": "layerwise", "layer_group_size": 2},
+        "objectives": [{"name": s, "evaluator": "lm_eval", "task": f"demo_{s}", "metric": "exact_match",
+                        "limit": 24, "heldout_limit": 24} for s in ("sort", "upper")],
+        "evaluation": {"fidelity": {"screen_items": 6, "min_probability": 0.6}},
+        "optimizer": {"name": "DE", "seed": 5}, "budget": {"evaluations": BUDGET},
+        "ray": {"actors": 1, "num_cpus_per_actor": 0.5},
+        "output": {"run_dir": str(tmp_path / "a"), "checkpoint_every": 3},
+    }
+    _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path, kill_when=_promoted_in_flight)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    screens_b = [r["id"] for r in records(run_b, "screen")]
+    assert len(screens_b) == len(set(screens_b))  # the in-flight promotion was not screened again
+    assert screens_b == [r["id"] for r in records(run_a, "screen")]
+    after, uninterrupted = records(run_b), records(run_a)
+    def decision(r):  # what the screen saw and decided (its timings differ from run to run)
+        return r.get("fidelity"), {k: v for k, v in (r.get("screen") or {}).items() if k != "timings"}
+
+    assert [decision(r) for r in after] == [decision(r) for r in uninterrupted]
+    kinds = {r["fidelity"] for r in after}
+    assert kinds == {"full", "screen"}, kinds  # some promoted, some told their estimate only
+    front = json.loads((run_b / "front.json").read_text())["members"]
+    assert all(next(r for r in after if r["id"] == i)["fidelity"] == "full" for i in front)
+
+
+def _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path, kill_when=None):
     cfg_b = {**cfg_a, "output": {**cfg_a["output"], "run_dir": str(tmp_path / "b")}}
     path_a, path_b = write_config(cfg_a, tmp_path / "a.yaml"), write_config(cfg_b, tmp_path / "b.yaml")
     run_a, run_b = tmp_path / "a", tmp_path / "b"
@@ -81,14 +120,14 @@ def _sigkill_resume_is_lossless(ray_address, cfg_a, tmp_path):
     proc_b = subprocess.Popen(_evomerge("search", str(path_b), "--address", ray_address), env=env,
                               stdout=logs["b"], stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
-    while len(records(run_b)) < KILL_AFTER:
+    while not (kill_when(run_b) if kill_when else len(records(run_b)) >= KILL_AFTER):
         assert proc_b.poll() is None, (tmp_path / "b.log").read_text()[-2000:]
         assert time.monotonic() < deadline, "search B never got going"
         time.sleep(0.05)
     os.killpg(proc_b.pid, signal.SIGKILL)
     proc_b.wait(30)
     before = records(run_b)
-    assert KILL_AFTER <= len(before) < BUDGET  # killed mid-search
+    assert (kill_when(run_b) if kill_when else KILL_AFTER <= len(before)) and len(before) < BUDGET  # mid-search
 
     rc = subprocess.run(_evomerge("resume", str(run_b), "--address", ray_address), env=env,
                         stdout=logs["resume"], stderr=subprocess.STDOUT, timeout=300).returncode

@@ -34,9 +34,8 @@ from evomerge import pareto
 from evomerge.errors import EvomergeError, SourceError
 from evomerge.fileio import atomic_write, fsync_dir, json_text
 from evomerge.records import EvaluationRecord, HeldoutRecord
-from evomerge.rundir import CONFIG, EVALUATIONS, FRONT_DIR, FRONT_JSON, RunDir
+from evomerge.rundir import CONFIG, EVALUATIONS, FRONT_DIR, FRONT_JSON, MEMBERS_DIR, RunDir
 
-MEMBERS_DIR = "members"
 PROVENANCE = "evomerge_member.json"
 KNEE = "knee"
 #: the best mean of selection scores over the front (ties: the earliest evaluated): the member the

@@ -128,8 +128,10 @@ class CandidateEvaluator:
                 "memory": self.residency.describe()}
 
     # -- work -----------------------------------------------------------------------
-    def evaluate(self, candidate_id: str, recipe_dict: dict[str, Any], split: str = "selection") -> dict[str, Any]:
-        """Merge ``recipe_dict`` into the live model and score it on ``split``.
+    def evaluate(self, candidate_id: str, recipe_dict: dict[str, Any], split: str = "selection",
+                 items: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        """Merge ``recipe_dict`` into the live model and score it on ``split`` (only the item positions
+        ``items`` names per objective, for a screen; every item when None).
 
         Never raises for a bad candidate: returns ``status: failed`` and a one-line error.
         Merging is skipped when the live model already holds this recipe (heldout
@@ -163,7 +165,7 @@ class CandidateEvaluator:
             if self.faults and split == "selection":
                 _inject_fault(self.faults, candidate_id)
             with torch.inference_mode():
-                scores = self.objectives.evaluate(self.model, split=split)
+                scores = self.objectives.evaluate(self.model, split=split, items=items)
             t2 = time.perf_counter()
             result["timings"] = {"merge_s": t1 - t0, "eval_s": t2 - t1}
             result["scores"] = {k: float(v) for k, v in scores.items()}

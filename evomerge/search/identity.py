@@ -180,9 +180,26 @@ def compute_identity(cfg: Any) -> dict[str, dict[str, Any]]:
     merge = cfg.merge.model_dump(mode="json", exclude={"fused"})
     fields["merge"] = {"summary": "methods " + ", ".join(cfg.merge.methods), "parts": {"settings": _json_sha(merge)}}
     for section in ("space", "optimizer", "evaluation"):
-        data = getattr(cfg, section).model_dump(mode="json")
+        data = _without_later_defaults(getattr(cfg, section), LATER_FIELDS.get(section, ()))
         fields[section] = {"summary": f"{section} settings", "parts": {"settings": _json_sha(data)}}
     return fields
+
+
+#: config fields added after runs already existed: at their default they mean what the older
+#: versions did, so they are left out of the digest and an older run dir still resumes
+LATER_FIELDS: dict[str, tuple[str, ...]] = {
+    "space": ("repeats", "scaling", "scale_bounds", "max_path_length", "fixed_ends", "embed_from"),
+    "evaluation": ("fidelity", "estimator", "irt", "record_items"),
+}
+
+
+def _without_later_defaults(section: Any, later: tuple[str, ...]) -> dict[str, Any]:
+    data = section.model_dump(mode="json")
+    defaults = type(section)().model_dump(mode="json") if later else {}
+    for key in later:
+        if key in data and data[key] == defaults.get(key):
+            del data[key]
+    return data
 
 
 def identity_record(cfg: Any) -> dict[str, Any]:

@@ -32,12 +32,15 @@ from typing import Any, Callable
 
 from evomerge.errors import ClusterError, EvomergeError
 from evomerge.pareto import ParetoArchive
-from evomerge.records import EvaluationRecord, HeldoutRecord, Kind, Record, ReferenceRecord, Status
+from evomerge.records import (EvaluationRecord, Fidelity, HeldoutRecord, Kind, Record, ReferenceRecord, ScreenRecord,
+                              Status)
 from evomerge.rundir import RunDir
 from evomerge.search.heldout import score_heldout
 from evomerge.search.memory import plan_for_pool
 from evomerge.search.plan import SearchPlan
+from evomerge.search.fidelity import screen_summary
 from evomerge.search.references import score_references
+from evomerge.search.screening import Screener
 from evomerge.search.pool import MAX_ATTEMPTS, TICK_S, EvaluatorPool, Event, Job, failed_result
 from evomerge.search.ray_cluster import plan_actors
 from evomerge.search.searchbook import Asked, SearchBook
@@ -88,6 +91,9 @@ class Search:
         self.pool: EvaluatorPool | None = None
         self.book: SearchBook | None = None
         self.archive = ParetoArchive(self.directions)
+        #: evaluation.fidelity: what a candidate is screened on; None when every candidate is measured in full
+        self.screener: Screener | None = None
+        self.screens: dict[str, dict[str, Any]] = {}  # id -> the screen that promoted it (ScreenRecord)
         self.t0 = time.monotonic()
         self.elapsed_before = 0.0
 
@@ -124,13 +130,17 @@ class Search:
                                    num_workers=self.num_workers)
         self.book = SearchBook(optimizer, self.plan.space, self.plan.objectives)
         self.book.replay(records)
+        if self.cfg.evaluation.fidelity is not None:
+            self.screener = Screener(self.cfg, self.run)
+            self.screener.calibrate(records)  # an IRT run that reached its calibration before a crash
+            self.screens = {r.id: r.screen for r in records if isinstance(r, ScreenRecord)}
         if self.book.diverged:
             log.warning("replay: %d logged asks differed from this optimizer's; the log was followed",
                         self.book.diverged)
         for rec in records:
             if isinstance(rec, EvaluationRecord):
                 self.records_by_id[rec.id] = rec
-                if rec.ok:
+                if rec.ok and rec.measured:  # a screen's estimate is told, never put on the front
                     self.archive.add(rec.id, rec.scores)
                     if rec.key:
                         self.cache.setdefault(rec.key, rec)
@@ -156,7 +166,12 @@ class Search:
         self._actor_nodes_version = self.pool.info_version
 
     def _job_for(self, asked: Asked) -> Job:
-        return Job(Kind.EVALUATION, asked.id, asked.recipe, asked=asked, key=self._key(asked.recipe))
+        """A candidate's job: a screen when the run screens (and this candidate was not promoted before a
+        crash: it is then measured at once), else a full evaluation."""
+        job = Job(Kind.EVALUATION, asked.id, asked.recipe, asked=asked, key=self._key(asked.recipe))
+        if self.screener is not None and self.screener.ready and asked.id not in self.screens:
+            job.stage, job.items = "screen", self.screener.items()
+        return job
 
     # -- budget ---------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -209,11 +224,45 @@ class Search:
                 return
             self.pool.submit(i, job)
 
-    def _finish(self, job: Job, result: dict[str, Any], cached_from: str | None = None) -> None:
+    def _screened(self, job: Job, result: dict[str, Any]) -> None:
+        """A screen came back: promote the candidate to a full evaluation, or tell its estimate."""
+        assert self.screener is not None and job.asked is not None
+        values = result.get("items") or {}
+        missing = [k for k in self.screener.objectives if len(values.get(k) or []) != len(job.items.get(k) or [])]
+        if missing:
+            self._finish(job, failed_result(job, result.get("actor"), f"screen: no per-item values for "
+                                            f"{', '.join(missing)}; the evaluator must report per-item results"))
+            return
+        timings = dict(result.get("timings") or {})
+        self.busy_s += float(timings.get("merge_s", 0.0)) + float(timings.get("eval_s", 0.0))
+        estimates = self.screener.estimate(values, seed=job.asked.index)
+        front = {i: self.records_by_id[i].scores for i in self.archive.front()}
+        probability = self.screener.entry_probability(estimates, front, self.directions)
+        promoted = self.screener.promote(probability)
+        summary = screen_summary(self.screener.estimator, estimates, values, promoted, self.screener.confidence,
+                                 probability)
+        summary["timings"] = timings
+        if promoted:  # logged before the full job goes out: a crash now resumes with the full evaluation
+            self.run.append(ScreenRecord(id=job.id, index=job.asked.index, screen=summary, finished_at=time.time()))
+            self.screens[job.id] = summary
+            self.queue.appendleft(Job(Kind.EVALUATION, job.id, job.recipe, asked=job.asked, key=job.key,
+                                      asked_at=job.asked_at))
+            return
+        self._finish(job, {**result, "scores": summary["scores"], "items": None}, fidelity=Fidelity.SCREEN,
+                     screen=summary)
+
+    def _finish(self, job: Job, result: dict[str, Any], cached_from: str | None = None,
+                fidelity: Fidelity | None = None, screen: dict[str, Any] | None = None) -> None:
         """Log (first) and tell one finished candidate; update front, cache and waiters."""
         assert self.book is not None and job.asked is not None
         status = Status(result["status"])
         ok = status is Status.OK
+        if self.screener is not None:
+            fidelity = fidelity or Fidelity.FULL
+            screen = screen or self.screens.get(job.id)
+        measured = fidelity is not Fidelity.SCREEN
+        items = result.get("items") if (ok and measured and not cached_from
+                                        and self.cfg.evaluation.wants_items) else None
         losses = self.book.losses_for(result["scores"], ok)
         now = time.time()
         timings = dict(result.get("timings") or {})
@@ -223,22 +272,26 @@ class Search:
             key=job.key, scores=result["scores"] if ok else {}, losses=losses, status=status,
             error=result.get("error"), timings=timings, actor=result.get("actor"),
             attempts=job.attempts + (0 if cached_from else 1), cached_from=cached_from,
-            num_workers=self.num_workers, asked_at=job.asked_at, finished_at=now)
+            num_workers=self.num_workers, asked_at=job.asked_at, finished_at=now, fidelity=fidelity, screen=screen,
+            items=items or None)
         self.run.append(record)
         self.book.tell(job.asked.index, losses, ok)
         self.records_by_id[job.id] = record
         self.since_checkpoint += 1
-        if ok:
+        if ok and measured:
             self.archive.add(job.id, record.scores)
             if job.key:
                 self.cache.setdefault(job.key, record)
+            if self.screener is not None and not self.screener.ready and items:
+                self.screener.calibrate(self.run.records())
         else:
             log.warning("candidate %s failed: %s", job.id, record.error)
         if not cached_from:
             self.busy_s += float(timings.get("merge_s", 0.0)) + float(timings.get("eval_s", 0.0))
         for waiter in self.waiters.pop(job.key or "", []):
             if ok:
-                self._finish(waiter, result, cached_from=job.id)
+                self._finish(waiter, result, cached_from=job.id, fidelity=fidelity,
+                             screen=screen if not measured else None)
             else:
                 self.queue.append(waiter)  # failures are not cached: evaluate the duplicate itself
 
@@ -251,6 +304,9 @@ class Search:
                 return
             ev.result = failed_result(job, ev.actor, f"actor died {job.attempts} times while evaluating it "
                                                      f"(last: {ev.error})")
+        if job.stage == "screen" and ev.result["status"] == Status.OK.value:
+            self._screened(job, ev.result)
+            return
         self._finish(job, ev.result)
 
     def _search_loop(self, progress: Any) -> None:

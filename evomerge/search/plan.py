@@ -16,6 +16,7 @@ from evaluators import check_objectives, objective_directions
 from evomerge.config import SearchConfig
 from evomerge.pareto import Direction
 from evomerge.merge.sources import ModelSet, model_set_for
+from evomerge.search.screening import check_fidelity
 from search_spaces import SearchSpace, build_space
 from search_spaces.optimizers import optimizer_name, resolve_optimizer
 
@@ -45,6 +46,7 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
     model_set = model_set_for(cfg.models)
     space = build_space(cfg, model_set)
     check_objectives(cfg)
+    check_fidelity(cfg)
     directions = objective_directions(cfg)
     name = optimizer_name(cfg)
     resolve_optimizer(name)

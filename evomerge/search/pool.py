@@ -53,6 +53,9 @@ class Job:
     id: str
     recipe: dict[str, Any]
     split: str = "selection"
+    #: "screen": score only ``items`` (positions of each objective's selection items); "full": every item
+    stage: str = "full"
+    items: dict[str, list[int]] | None = None
     asked: Asked | None = None
     key: str | None = None
     label: str | None = None
@@ -190,7 +193,7 @@ class EvaluatorPool:
 
     def submit(self, i: int, job: Job) -> None:
         job.dispatched_at = time.time()
-        ref = self.actors[i].evaluate.remote(job.id, job.recipe, job.split)
+        ref = self.actors[i].evaluate.remote(job.id, job.recipe, job.split, job.items)
         self.inflight[ref] = (i, job)
         self.state[i] = State.BUSY
 

@@ -90,6 +90,7 @@ def score_references(run: RunDir, pool: EvaluatorPool, plan: SearchPlan, done: s
                               heldout=held["scores"] if held_ok else None,
                               heldout_items=held.get("items") if held_ok else None,
                               error=sel.get("error") or (held or {}).get("error"), timings=sel.get("timings"),
-                              finished_at=time.time())
+                              finished_at=time.time(),
+                              items=sel.get("items") if sel_ok and plan.cfg.evaluation.wants_items else None)
         run.append(rec)
         log.info("reference %s: %s%s", label, rec.scores or rec.error, f" (heldout {rec.heldout})" if rec.heldout else "")

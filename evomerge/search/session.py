@@ -196,7 +196,7 @@ def rescore_front(run_dir: str | Path, address: str | None = None,
         heldout = {r.id: r.scores for r in records if isinstance(r, HeldoutRecord) and r.ok}
         archive = ParetoArchive(plan.directions)
         for rec in evaluations.values():
-            if rec.ok:
+            if rec.ok and rec.measured:  # a screen's estimate never enters the front
                 archive.add(rec.id, rec.scores)
         todo = {i: evaluations[i].recipe or {} for i in archive.front() if i not in heldout}
         if not todo:
