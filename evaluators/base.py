@@ -157,6 +157,8 @@ class ObjectiveSet:
         #: per-item values of each single-measurement objective from the last call, when its
         #: evaluator reports them (lm_eval does on the heldout split): paired comparisons need them
         self.last_items: dict[str, list[float]] = {}
+        #: a screen's items as lm-eval doc ids of each objective's task, from the last call with ``items``
+        self.last_doc_ids: dict[str, list[int]] = {}
 
     def evaluate(self, model: Any, split: Split = "selection",
                  items: Mapping[str, Sequence[int]] | None = None) -> dict[str, float]:
@@ -188,10 +190,16 @@ class ObjectiveSet:
             per_item.update(getattr(ev, "last_items", None) or {})
             self.last_timings[kind] = time.perf_counter() - t0
         self.last_items = {}
+        self.last_doc_ids = {}
+        doc_ids: dict[str, list[int]] = {}
+        for kind, ev in self.evaluators.items():
+            doc_ids.update(getattr(ev, "last_doc_ids", None) or {})
         for o in self.objectives:
             terms = self._terms[o.name][1]
             if len(terms) == 1 and terms[0].weight == 1.0 and terms[0].key in per_item:
                 self.last_items[o.name] = per_item[terms[0].key]
+            if items is not None and len(terms) == 1 and terms[0].key in doc_ids:
+                self.last_doc_ids[o.name] = doc_ids[terms[0].key]
         names = [o.name for o in self.objectives if items is None or o.name in items]
         return {n: combine(self._terms[n][1], measurements) for n in names}
 

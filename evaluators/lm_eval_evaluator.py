@@ -303,6 +303,8 @@ class LmEvalEvaluator:
         #: logs items (``evaluation.record_items``, or screening) and for a screen
         self.last_items: dict[str, list[float]] = {}
         self.selection_items = bool(cfg.evaluation.wants_items)
+        #: a screen's doc ids (into the task's eval split) per measurement, from the last call
+        self.last_doc_ids: dict[str, list[int]] = {}
         #: how many lm-eval task dicts were built (tests assert it stays flat across calls)
         self.task_builds = 0
         # Selection runs are built now; heldout runs on the first heldout call.
@@ -419,9 +421,12 @@ class LmEvalEvaluator:
         out: dict[str, float] = {}
         want_items = split == "heldout" or self.selection_items or items is not None
         self.last_items = {}
+        self.last_doc_ids = {}
         for spec, keys in specs.items():
             results = self.run_spec(model, spec, samples=want_items)
             for key in keys:
+                if spec.positions is not None:  # lm-eval's own doc ids of a screen: `lm_eval --samples` reproduces it
+                    self.last_doc_ids[key] = list(self._runs[spec].doc_ids.get(spec.task, []))
                 metric = self._logical[key].metric
                 out[key] = _metric_from_result(spec.task, metric, results)
                 if want_items:

@@ -72,6 +72,11 @@ def choose_member(view: RunView, *, eval_id: str | None = None, best: str | None
                               f"`evomerge status {view.path}` lists the front")
         if not ev.ok or ev.recipe is None:
             raise ExportError(f"--id {eval_id}: that evaluation failed ({ev.error or 'no recipe'}); pick another id")
+        if not ev.measured:
+            n = (ev.screen or {}).get("n_items")
+            raise ExportError(f"--id {eval_id}: its scores are estimates from a {n}-item screen, never measured on "
+                              f"every item; export a front member (`evomerge status {view.path}`) or one scored in "
+                              f"full")
         return ev
     front = {e.id: e.scores for e in view.front_evaluations() if e.recipe is not None
              and all(o.name in e.scores for o in view.objectives)}

@@ -117,7 +117,23 @@ def summary(view: RunView) -> dict[str, Any]:
     budget = view.budget()
     return {"done": done, "budget": budget.get("evaluations"), "wall_clock_s": budget.get("wall_clock_s"),
             "failed": view.failed, "front_size": len(view.front), "hypervolume": arch.hypervolume(),
-            "reference": ref, "per_hour": per_hour}
+            "reference": ref, "per_hour": per_hour, "fidelity": fidelity_summary(view)}
+
+
+def fidelity_summary(view: RunView) -> dict[str, Any] | None:
+    """A screening run's counts (``evaluation.fidelity``): screened, promoted and measured, estimates only,
+    and the items spent per candidate against a full evaluation; None for a run that does not screen."""
+    screened = [e for e in view.evaluations if e.screen]
+    if not screened:
+        return None
+    full_items = sum(int(o.get("limit") or 0) for o in (view.config.get("objectives") or []))
+    measured = [e for e in view.evaluations if e.ok and e.measured and not e.cached_from]
+    estimated = view.estimated_evaluations()
+    spent = sum(int(e.screen.get("n_items") or 0) for e in screened) + full_items * len(measured)
+    n = len([e for e in view.evaluations if not e.cached_from]) or 1
+    return {"estimator": screened[0].screen.get("estimator"), "screened": len(screened),
+            "promoted": sum(1 for e in screened if e.screen.get("promoted")), "measured": len(measured),
+            "estimates": len(estimated), "items_per_candidate": spent / n, "full_items": full_items}
 
 
 # -- figure (pure) ------------------------------------------------------------------------------
@@ -178,6 +194,11 @@ def _scatter(ax, view: RunView, highlight: str | None) -> None:
     if rest:
         xs, ys = zip(*_points(rest, [ox.name, oy.name]))
         ax.scatter(xs, ys, s=18, color=GREY, alpha=0.55, label=f"evaluated ({len(ok)})", zorder=1)
+    estimated = view.estimated_evaluations()
+    if estimated:  # a screen's estimates: told to the optimizer, never on the front; drawn hollow
+        xs, ys = zip(*_points(estimated, [ox.name, oy.name]))
+        ax.scatter(xs, ys, s=18, facecolor="none", edgecolor=GREY, alpha=0.7, zorder=1,
+                   label=f"estimated from a screen ({len(estimated)})")
     if front:
         pts = sorted(_points(front, [ox.name, oy.name]), key=lambda p: ox.sign * p[0])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=FRONT_COLOR, lw=1.5, zorder=2)
@@ -248,6 +269,13 @@ def _parallel(ax, view: RunView, highlight: str | None) -> None:
         from matplotlib.collections import LineCollection
 
         ax.add_collection(LineCollection(rest, colors=GREY, alpha=0.5, linewidths=0.8, label=f"evaluated ({len(ok)})"))
+    estimated = view.estimated_evaluations()
+    if estimated:  # a screen's estimates (evaluation.fidelity): told to the optimizer, never on the front
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection([list(zip(xs, norm(e.scores))) for e in estimated], colors=GREY, alpha=0.45,
+                                         linewidths=0.7, linestyles="dotted",
+                                         label=f"estimated from a screen ({len(estimated)})"))
     big = len(front_ids) > 30  # thin the lines of a large front so it stays legible
     for k, e in enumerate(view.front_evaluations()):
         ax.plot(xs, norm(e.scores), color=FRONT_COLOR, lw=0.8 if big else 1.6, alpha=0.6 if big else 1.0,
@@ -320,5 +348,11 @@ def front_table(view: RunView):
 def progress_line(s: dict[str, Any]) -> str:
     budget = f" / {s['budget']}" if s["budget"] else ""
     rate = f"{s['per_hour']:.1f} evaluations/hour" if s["per_hour"] else "rate unknown"
-    return (f"evaluations: {s['done']}{budget}   failed: {s['failed']}   front: {s['front_size']}   "
+    line = (f"evaluations: {s['done']}{budget}   failed: {s['failed']}   front: {s['front_size']}   "
             f"hypervolume: {s['hypervolume']:.4g}   {rate}")
+    f = s.get("fidelity")
+    if f:
+        line += (f"\nscreened ({f['estimator']}): {f['screened']}, promoted {f['promoted']}; measured on every item: "
+                 f"{f['measured']}; estimates only (told, never on the front): {f['estimates']}; items per "
+                 f"candidate {f['items_per_candidate']:.0f} (a full evaluation: {f['full_items']})")
+    return line

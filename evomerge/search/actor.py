@@ -171,6 +171,8 @@ class CandidateEvaluator:
             result["scores"] = {k: float(v) for k, v in scores.items()}
             if self.objectives.last_items:
                 result["items"] = {k: list(v) for k, v in self.objectives.last_items.items()}
+            if items is not None and getattr(self.objectives, "last_doc_ids", None):
+                result["doc_ids"] = {k: list(v) for k, v in self.objectives.last_doc_ids.items()}
             bad = [k for k, v in result["scores"].items() if v != v]  # NaN
             if bad:
                 raise ValueError(f"objective(s) {', '.join(bad)} returned NaN")

@@ -111,10 +111,14 @@ def entry_probability(estimates: Mapping[str, Estimate], front: Mapping[str, Map
 
 
 def screen_summary(estimator: str, estimates: Mapping[str, Estimate], items: Mapping[str, Sequence[float]],
-                   promoted: bool, confidence: float, probability: float) -> dict[str, Any]:
-    """The ``screen`` field of a log record: what was estimated from how many items, and the decision."""
+                   promoted: bool, confidence: float, probability: float,
+                   positions: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """The ``screen`` field of a log record: what was estimated from which items, and the decision.
+
+    ``positions``: the screened items, as positions among each objective's selection items."""
     return {"estimator": estimator, "confidence": confidence, "promoted": promoted,
             "entry_probability": probability,
+            "positions": {k: [int(p) for p in v] for k, v in (positions or {}).items()},
             "scores": {k: e.mean for k, e in estimates.items()},
             "low": {k: e.low for k, e in estimates.items()}, "high": {k: e.high for k, e in estimates.items()},
             "items": {k: list(map(float, v)) for k, v in items.items()},

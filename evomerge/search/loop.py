@@ -240,8 +240,9 @@ class Search:
         probability = self.screener.entry_probability(estimates, front, self.directions)
         promoted = self.screener.promote(probability)
         summary = screen_summary(self.screener.estimator, estimates, values, promoted, self.screener.confidence,
-                                 probability)
+                                 probability, positions=job.items)
         summary["timings"] = timings
+        summary["doc_ids"] = result.get("doc_ids") or {}  # lm-eval's ids: `lm_eval --samples` reproduces the screen
         if promoted:  # logged before the full job goes out: a crash now resumes with the full evaluation
             self.run.append(ScreenRecord(id=job.id, index=job.asked.index, screen=summary, finished_at=time.time()))
             self.screens[job.id] = summary

@@ -153,11 +153,11 @@ def irt_estimate(irt: Any, model: Any, anchors: Sequence[int], values: Sequence[
     ability's posterior (``irt.estimate``)."""
     import numpy as np
 
-    e = irt.estimate(model, list(anchors), list(values), confidence=confidence)
-    rng = np.random.default_rng(seed)
-    thetas = rng.normal(e.theta, e.se, 4000)
-    draws = irt.expected_accuracy(model, thetas)
-    return Estimate(float(e.accuracy), float(e.low), float(e.high), tuple(float(x) for x in draws))
+    from evomerge.search.fidelity import N_DRAWS
+
+    e = irt.estimate(model, list(anchors), np.asarray(values, dtype=float), level=confidence, draws=N_DRAWS,
+                     seed=seed)
+    return Estimate(float(e.accuracy), float(e.low), float(e.high), e.draws)
 
 
 def fit_irt(rows: Sequence[Mapping[str, Sequence[float]]], objectives: Sequence[str], k: int) -> dict[str, Any]:
