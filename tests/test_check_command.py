@@ -266,3 +266,23 @@ def test_forced_memory_mode_is_shown_and_checked(offline: Path, monkeypatch: pyt
     line = _one_line_error([str(CONFIGS / "evollm_jp_7b.yaml"), "--device", "cuda", "--memory-gb", "80",
                             "--set", "ray.memory_mode=resident"], capsys)
     assert "memory mode (resident) needs" in line
+
+
+def test_the_dataflow_demo_config_checks(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The data-flow space's plan: its genes, and one memory option (every source once)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert main(["check", "configs/demo_dataflow.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "genes: dataflow: 3 models, 12 layers x 2 repeats = 24 slots, genes on[24] scale[12x12]" in out
+    assert "(dimension 168)" in out  # 24 slot genes + 12 x 12 transition scales
+    assert "* paths" in out and "each loaded once" in out and "task vectors" not in out
+
+
+def test_a_dataflow_config_with_a_base_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["check", "configs/demo_dataflow.yaml", "--set", "models.base=models/demo/base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "models.base: the dataflow space stacks the layers of models.sources and uses no base" in err
+    assert len(err.splitlines()) == 1

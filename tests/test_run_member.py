@@ -293,3 +293,35 @@ def test_knee_of_a_run_without_a_front_is_one_line(run):
         member_folder(f"{run}#knee")
     msg = str(err.value)
     assert "\n" not in msg and "runs/demo#knee" in msg and "front.json" in msg and "by id" in msg
+
+
+# -- chaining: a data-flow run over a member, exported ----------------------------------------
+def test_a_chained_export_is_a_plain_model_whose_card_records_both_recipes(run, tiny_models, tmp_path):
+    """Parameter space, then data flow: the upstream member is a model of the path; its recipe is in the card."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.export import export_member
+    from evomerge.merge.path_recipe import PathRecipe, PathStep
+
+    member, other = f"{run}#e000002", tiny_models.source_refs[0]
+    path = PathRecipe(models=[member, other], embed_from=member,
+                      path=[PathStep(model=member, layer=0), PathStep(model=other, layer=1, scale=1.25),
+                            PathStep(model=member, layer=1, scale=0.8)])
+    down = RunDir(tmp_path / "runs" / "chained")
+    down.create({"name": "chained", "models": {"sources": [member, other], "allow_pickle": False, "revision": None},
+                 "space": {"name": "dataflow"}})
+    down.append(EvaluationRecord(id="e000000", index=0, asked=1, recipe=path.to_dict(), status=Status.OK,
+                                 scores={"add": 0.7, "ppl": 3.5}, losses=[-0.7, 3.5]))
+    archive = ParetoArchive(DIRECTIONS)
+    archive.add("e000000", {"add": 0.7, "ppl": 3.5})
+    down.write_front(archive, {"e000000": path.to_dict()}, {}, evaluations=1)
+    out, chosen = export_member(down.path, tmp_path / "exported", eval_id="e000000")
+    assert chosen.id == "e000000"
+    card = (out / "README.md").read_text()
+    upstream = MergeRecipe.from_dict(_record(run, "e000002")["recipe"])
+    assert f"## Upstream merge: `{member}`" in card and "evaluation `e000002` of the run `runs/demo`" in card
+    assert f'"method": "{upstream.groups["default"].method}"' in card and '"density": 0.7' in card
+    assert "| 1 | `" + other + "` | 1 | 1.25 | 0.8 |" in card  # the folded factor 1 / 1.25
+    assert PathRecipe.load(out / "recipe.json") == path
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.num_hidden_layers == 3 and not list(out.glob("*.py"))

@@ -94,6 +94,9 @@ def gene_lines(plan: SearchPlan) -> list[str]:
     except Exception:  # noqa: BLE001 - a plug-in space may not say; the describe line is enough
         pass
     cfg = plan.cfg
+    if not getattr(space, "parameter_space", True):  # a data-flow space: its describe line says it all
+        return [line, f"  models' layers live in {cfg.merge.dtype}; scales in [{cfg.space.scale_bounds[0]:g}, "
+                      f"{cfg.space.scale_bounds[1]:g}]"]
     bounds = ", ".join(f"{k} [{lo:g}, {hi:g}]" for k, (lo, hi) in cfg.space.bounds.items())
     return [line, f"  methods {', '.join(cfg.merge.methods)} ({cfg.merge.method_gene}); layer groups of "
                   f"{cfg.space.layer_group_size}; bounds {bounds}; merge in {cfg.merge.compute_dtype}, "
@@ -262,6 +265,9 @@ def size_lines(plan: SearchPlan) -> list[str]:
 
     cfg = plan.cfg
     s = ModelSizes.from_model_set(plan.model_set, live_dtype=cfg.merge.dtype, compute_dtype=cfg.merge.compute_dtype)
+    if not getattr(plan.space, "parameter_space", True):
+        return [f"  models: {s.sources} x {s.elements:,} parameters x {s.live_itemsize} B ({cfg.merge.dtype}) = "
+                f"{_bytes(s.sources * s.elements * s.live_itemsize)}, each loaded once; a path shares their layers"]
     return [f"  live model: {s.elements:,} parameters x {s.live_itemsize} B ({cfg.merge.dtype}) = "
             f"{_bytes(s.elements * s.live_itemsize)}",
             f"  task vectors: {s.sources} x {s.elements:,} parameters x {s.compute_itemsize} B "
