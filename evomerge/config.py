@@ -314,6 +314,9 @@ class FidelityConfig(_Strict):
     min_probability: Float = Field(0.1, gt=0, le=1, description="A screened candidate is scored in full when the "
                                    "probability that its full scores would not be dominated by the current front is "
                                    "at least this.")
+    margin: Float = Field(0.0, ge=0, description="Entering the front counts only by more than this on some "
+                          "objective (epsilon-dominance, in the objective's units): 0 promotes any candidate that "
+                          "could enter it at all.")
     confidence: Float = Field(0.9, gt=0, lt=1, description="Level of the interval a screen's estimate is shown with.")
 
 

@@ -147,7 +147,8 @@ def export_member(run_dir: str | Path, out: str | Path, *, eval_id: str | None =
 def _export_path_member(view: RunView, member: EvaluationRecord, out: Path, *, dtype: str | None,
                         max_shard_size: str | int, title: str | None) -> Path:
     """A data-flow member as a plain model: the path's layers stacked, scales folded into o_proj/down_proj."""
-    from evomerge.merge.layer_stack import stack_from_path, stack_to_mergekit_yaml, write_stack
+    from evomerge.merge.layer_stack import stack_from_path, write_stack
+    from evomerge.merge.layer_stack_yaml import stack_to_mergekit_yaml
     from evomerge.merge.path_recipe import PathRecipe
     from evomerge.merge.run_member import member_provenance
     from evomerge.merge.sources import resolve_source

@@ -123,7 +123,7 @@ def summary(view: RunView) -> dict[str, Any]:
 def fidelity_summary(view: RunView) -> dict[str, Any] | None:
     """A screening run's counts (``evaluation.fidelity``): screened, promoted and measured, estimates only,
     and the items spent per candidate against a full evaluation; None for a run that does not screen."""
-    screened = [e for e in view.evaluations if e.screen]
+    screened = [e for e in view.evaluations if e.screen and not e.cached_from]  # a cached duplicate costs nothing
     if not screened:
         return None
     full_items = sum(int(o.get("limit") or 0) for o in (view.config.get("objectives") or []))
@@ -333,9 +333,8 @@ def front_table(view: RunView):
     key = view.objectives[0]
     for e in sorted(view.front_evaluations(), key=lambda e: -key.sign * e.scores.get(key.name, 0.0)):
         held = view.heldout.get(e.id) or {}
-        methods = sorted({g.get("method", "?") for g in ((e.recipe or {}).get("groups") or {}).values()})
         table.add_row(e.id, *[c for o in view.objectives for c in (_fmt(e.scores.get(o.name)), _fmt(held.get(o.name)))],
-                      ", ".join(methods))
+                      recipe_summary(e.recipe))
     if table.rows and view.references:
         table.rows[-1].end_section = True
     for r in view.references:
@@ -343,6 +342,18 @@ def front_table(view: RunView):
                       *[c for o in view.objectives for c in (_fmt(r.scores.get(o.name)),
                                                              _fmt((r.heldout or {}).get(o.name)))], "[dim]ref[/dim]")
     return table
+
+
+def recipe_summary(recipe: dict[str, Any] | None) -> str:
+    """The status table's last column: the merge methods of a recipe, or a path's layers (``A0 A1x1.20 B2``)."""
+    from evomerge.merge.recipes import is_path_recipe, recipe_from_dict
+
+    if is_path_recipe(recipe):
+        try:
+            return "path " + recipe_from_dict(recipe).describe()  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a view shows what it can
+            return "path"
+    return ", ".join(sorted({g.get("method", "?") for g in ((recipe or {}).get("groups") or {}).values()}))
 
 
 def progress_line(s: dict[str, Any]) -> str:

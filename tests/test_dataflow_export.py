@@ -64,10 +64,15 @@ def test_folded_export_gives_the_logits_of_the_live_path(live_and_folder):
         a, b = live(ids).logits, exported(ids).logits
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), float((a - b).abs().max())
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    # and the scales matter: the same path at scale 1 is a different model
-    from evomerge.merge.path_model import PathModel  # noqa: F401 - the live model holds the scaled path
+    # and the scales matter: the same path at scale 1 is another model, far from these logits
+    from evomerge.merge.layer_stack import stack_from_path, write_stack
+
     flat = recipe.model_copy(update={"path": [s.model_copy(update={"scale": 1.0}) for s in recipe.path]})
-    assert flat != recipe
+    write_stack(stack_from_path(flat), folder.parent / "flat")
+    unscaled = AutoModelForCausalLM.from_pretrained(str(folder.parent / "flat"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        c = unscaled(ids).logits
+    assert float((a - c).abs().max()) > 100 * float((a - b).abs().max())
 
 
 @pytest.mark.slow
@@ -106,7 +111,8 @@ def test_lm_eval_cli_on_the_export_scores_what_the_search_scored(live_and_folder
 def test_the_mergekit_yaml_and_the_recipe_json_rebuild_the_export_bit_for_bit(live_and_folder, tmp_path):
     from safetensors.torch import load_file
 
-    from evomerge.merge.layer_stack import stack_from_path, stack_to_mergekit_yaml
+    from evomerge.merge.layer_stack import stack_from_path
+    from evomerge.merge.layer_stack_yaml import stack_to_mergekit_yaml
 
     recipe, _, folder = live_and_folder
     yml = tmp_path / "mergekit.yaml"

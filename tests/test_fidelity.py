@@ -78,6 +78,15 @@ def test_entry_probability_counts_draws_that_escape_every_member_jointly() -> No
     assert entry_probability(est, front, DIRS) == pytest.approx(1 - (by_e1 | by_e2).mean(), abs=1e-12)
 
 
+def test_a_margin_counts_only_entries_by_more_than_it() -> None:
+    """epsilon-dominance: beating the front by less than ``margin`` on every objective is not entering it."""
+    front = {"e1": {"a": 0.5, "b": 0.5}}
+    near = {"a": _point(0.52), "b": _point(0.45)}  # enters by 0.02 on a
+    assert entry_probability(near, front, DIRS) == 1.0
+    assert entry_probability(near, front, DIRS, margin=0.03) == 0.0
+    assert entry_probability(near, front, DIRS, margin=0.01) == 1.0
+
+
 def _cfg(**evaluation) -> dict:
     return {"models": {"sources": ["a"]}, "budget": {"evaluations": 4},
             "objectives": [{"name": "x", "task": "demo_sort", "metric": "exact_match", "limit": 32}],

@@ -22,14 +22,8 @@ from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError, RecipeError, SourceError
-from evomerge.merge.layer_stack import (
-    LayerStack,
-    check_foldable,
-    stack_from_mergekit_yaml,
-    stack_from_path,
-    stack_to_mergekit_yaml,
-    write_stack,
-)
+from evomerge.merge.layer_stack import LayerStack, check_foldable, stack_from_path, write_stack
+from evomerge.merge.layer_stack_yaml import stack_from_mergekit_yaml, stack_to_mergekit_yaml
 from evomerge.merge.recipe_files import load_recipe_file
 from evomerge.merge.path_recipe import PathRecipe
 from evomerge.merge.recipe import MergeRecipe

@@ -6,8 +6,9 @@ up front and streams each merged tensor straight into its shard file, so memory 
 about one tensor per source however large the model is. Every tensor gets exactly the
 inputs the search's in-place merger (:mod:`evomerge.merge.inplace`) gives it, so the
 folder holds bit for bit what the search scored. Files are written atomically (temp
-file, fsync, rename). Also here: reading a recipe file (JSON or mergekit YAML) and the
-``evomerge merge`` command.
+file, fsync, rename); ``write_shards`` is that sharded safetensors writer, shared with the
+layer stacks of data-flow merges (``layer_stack.py``). Recipe files are read by
+``recipe_files.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from evomerge.errors import ConfigError, RecipeError
 from evomerge.fileio import atomic_file, fsync_dir
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 # InPlaceMerger (inplace.py) and validate_recipe (validate.py) are also reached through here.
 __all__ = ["InPlaceMerger", "file_in_the_way", "merge_to_folder", "parse_size",
-           "stream_merge", "validate_recipe"]
+           "stream_merge", "validate_recipe", "write_shards"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
@@ -146,11 +147,61 @@ def _tensor_bytes(t: "torch.Tensor") -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+def write_shards(out: Path, entries: Sequence[tuple[str, str, Sequence[int], int]], max_shard_bytes: int,
+                 tensor_for: Callable[[str], "torch.Tensor"]) -> None:
+    """The safetensors weights of a folder: ``model.safetensors``, or shards and their index.
+
+    ``entries``: (name, dtype name, shape, byte size) of each tensor, in file order; shards are
+    planned from the sizes up front (:func:`_plan_shards`, at most ``max_shard_bytes`` each
+    unless one tensor is larger). ``tensor_for(name)`` gives each tensor (already in its output
+    dtype) when its turn comes, under ``torch.no_grad``, so memory stays at about one tensor.
+    Earlier weights in ``out`` are removed first; each file is written atomically.
+    """
+    import torch
+
+    sizes = [(name, nbytes) for name, _, _, nbytes in entries]
+    meta = {name: (dtype, shape) for name, dtype, shape, _ in entries}
+    shards = _plan_shards(sizes, max_shard_bytes)
+    files = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    size_of = dict(sizes)
+
+    out.mkdir(parents=True, exist_ok=True)
+    # Weights of an earlier merge in this folder go first: were this merge interrupted after
+    # replacing some shards, the old index and the other old shards would load as a silent
+    # mix of two merges; an incomplete set fails to load instead.
+    for stale in out.iterdir():
+        if _WEIGHT_FILE.match(stale.name):
+            stale.unlink()
+    fsync_dir(out)
+    weight_map: dict[str, str] = {}
+    with torch.no_grad():
+        for file, shard in zip(files, shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for n in shard:
+                dtype, shape = meta[n]
+                header[n] = {"dtype": ST_CODES[dtype], "shape": list(shape),
+                             "data_offsets": [offset, offset + size_of[n]]}
+                offset += size_of[n]
+                weight_map[n] = file
+            hbytes = json.dumps(header, separators=(",", ":")).encode()
+            hbytes += b" " * (-len(hbytes) % 8)
+            with atomic_file(out / file) as f:
+                f.write(struct.pack("<Q", len(hbytes)))
+                f.write(hbytes)
+                for n in shard:
+                    data = _tensor_bytes(tensor_for(n))
+                    if data.nbytes != size_of[n]:
+                        raise RuntimeError(f"internal error: {n} has {data.nbytes} bytes, planned {size_of[n]}")
+                    f.write(data)
+    if len(files) > 1:
+        _write_json(out / SAFE_INDEX, {"metadata": {"total_size": sum(size_of.values())}, "weight_map": weight_map})
+
+
 def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_shard_size: str | int = "2GB",
                  dtype: str | None = None, device: str = "cpu") -> Path:
     """Write the merged weights and metadata of a validated recipe into ``out``."""
-    import torch
-
     from evomerge.merge.methods import merge_tensor
 
     limit = parse_size(max_shard_size)
@@ -165,50 +216,19 @@ def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_s
     srcs = [model_set.sources[i] for i in idx]
     names = model_set.tensor_names
     dtypes = {n: (out_name if ref.dtype(n) in FLOATS else ref.dtype(n)) for n in names}
-    sizes = []
+    entries = []
     for n in names:
         numel = 1
         for s in ref.shape(n):
             numel *= s
-        sizes.append((n, numel * ITEMSIZE[dtypes[n]]))
-    shards = _plan_shards(sizes, limit)
-    files = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    size_of = dict(sizes)
-
-    out.mkdir(parents=True, exist_ok=True)
-    # Weights of an earlier merge in this folder go first: were this merge interrupted after
-    # replacing some shards, the old index and the other old shards would load as a silent
-    # mix of two merges; an incomplete set fails to load instead.
-    for stale in out.iterdir():
-        if _WEIGHT_FILE.match(stale.name):
-            stale.unlink()
-    fsync_dir(out)
+        entries.append((n, dtypes[n], ref.shape(n), numel * ITEMSIZE[dtypes[n]]))
     plans: dict[str, GroupPlan] = {}
-    weight_map: dict[str, str] = {}
-    with torch.no_grad():
-        for file, shard in zip(files, shards):
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for n in shard:
-                header[n] = {"dtype": ST_CODES[dtypes[n]], "shape": list(ref.shape(n)),
-                             "data_offsets": [offset, offset + size_of[n]]}
-                offset += size_of[n]
-                weight_map[n] = file
-            hbytes = json.dumps(header, separators=(",", ":")).encode()
-            hbytes += b" " * (-len(hbytes) % 8)
-            with atomic_file(out / file) as f:
-                f.write(struct.pack("<Q", len(hbytes)))
-                f.write(hbytes)
-                for n in shard:
-                    t = _merge_one(n, recipe, model_set, srcs, plans, cd, dev, merge_tensor)
-                    t = t.to(out_dtype) if dtypes[n] == out_name else t
-                    data = _tensor_bytes(t)
-                    if data.nbytes != size_of[n]:
-                        raise RuntimeError(f"internal error: {n} has {data.nbytes} bytes, planned {size_of[n]}")
-                    f.write(data)
-    if len(files) > 1:
-        _write_json(out / SAFE_INDEX, {"metadata": {"total_size": sum(size_of.values())}, "weight_map": weight_map})
+
+    def tensor_for(n: str) -> "torch.Tensor":
+        t = _merge_one(n, recipe, model_set, srcs, plans, cd, dev, merge_tensor)
+        return t.to(out_dtype) if dtypes[n] == out_name else t
+
+    write_shards(out, entries, limit, tensor_for)
 
     config = dict(ref.config)
     config["dtype"] = out_name

@@ -18,16 +18,12 @@ running product of scales (``fold_factors``), which is how export writes a plain
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.errors import RecipeError
-from evomerge.merge.recipe import canonical_json
+from evomerge.merge.recipe import RecipeModel
 
 __all__ = ["PathRecipe", "PathStep", "DATAFLOW_KIND"]
 
@@ -52,10 +48,10 @@ class PathStep(BaseModel):
         return self
 
 
-class PathRecipe(BaseModel):
+class PathRecipe(RecipeModel):
     """A complete data-flow merge: the models, where embeddings come from, the path, the dtype."""
 
-    model_config = ConfigDict(extra="forbid")
+    _what: ClassVar[str] = "path recipe"
 
     kind: Literal["dataflow"] = DATAFLOW_KIND
     models: list[str] = Field(..., min_length=1)
@@ -107,45 +103,3 @@ class PathRecipe(BaseModel):
         index = {m: chr(ord("A") + i) if i < 26 else f"M{i}" for i, m in enumerate(self.models)}
         parts = [f"{index[s.model]}{s.layer}" + ("" if s.scale == 1.0 else f"x{s.scale:.2f}") for s in self.path]
         return f"{len(self.path)} layers: " + " ".join(parts)
-
-    # -- serialisation --------------------------------------------------------------
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PathRecipe":
-        try:
-            return cls.model_validate(data)
-        except Exception as err:  # pydantic.ValidationError -> one line
-            errors = getattr(err, "errors", None)
-            if callable(errors):
-                first = errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise RecipeError(f"path recipe field {where or '<top>'}: "
-                                  f"{first['msg'].removeprefix('Value error, ')}") from None
-            raise RecipeError(f"invalid path recipe: {err}") from None
-
-    @classmethod
-    def from_json(cls, text: str) -> "PathRecipe":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"path recipe is not valid JSON: {err}") from None
-        return cls.from_dict(data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PathRecipe":
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file {p} does not exist")
-        return cls.from_json(p.read_text())
-
-    def canonical_json(self) -> str:
-        return canonical_json(self.to_dict())
-
-    def content_hash(self) -> str:
-        """Stable hash of the recipe's meaning, for caches and ids."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]

@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import RecipeError
 from evomerge.merge.groups import DEFAULT_GROUP, TensorGroup
 
-__all__ = ["DEFAULT_GROUP", "GroupRecipe", "MergeRecipe"]
+__all__ = ["DEFAULT_GROUP", "GroupRecipe", "MergeRecipe", "RecipeModel"]
 
 
 class GroupRecipe(BaseModel):
@@ -39,10 +39,64 @@ class GroupRecipe(BaseModel):
     )
 
 
-class MergeRecipe(BaseModel):
-    """A complete merge: models, groups, seed and dtypes."""
+R = TypeVar("R", bound="RecipeModel")
+
+
+class RecipeModel(BaseModel):
+    """What every kind of recipe shares: strict fields, one-line errors, canonical JSON and its hash.
+
+    ``MergeRecipe`` (weights mixed per tensor group) and ``PathRecipe`` (a layer path,
+    ``path_recipe.py``) subclass it; ``_what`` names the kind in error messages."""
 
     model_config = ConfigDict(extra="forbid")
+    _what: ClassVar[str] = "recipe"
+
+    # -- serialisation ----------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any]) -> R:
+        try:
+            return cls.model_validate(data)
+        except Exception as err:  # pydantic.ValidationError -> one line
+            errors = getattr(err, "errors", None)
+            if callable(errors):
+                first = errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise RecipeError(f"{cls._what} field {where or '<top>'}: "
+                                  f"{first['msg'].removeprefix('Value error, ')}") from None
+            raise RecipeError(f"invalid {cls._what}: {err}") from None
+
+    @classmethod
+    def from_json(cls: type[R], text: str) -> R:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{cls._what} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls: type[R], path: str | Path) -> R:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return cls.from_json(p.read_text())
+
+    def canonical_json(self) -> str:
+        """The recipe as canonical JSON (``canonical_json``): equal strings <=> equal recipes."""
+        return canonical_json(self.to_dict())
+
+    def content_hash(self) -> str:
+        """Stable hash of the recipe's meaning, for caches and ids."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+class MergeRecipe(RecipeModel):
+    """A complete merge: models, groups, seed and dtypes."""
 
     base: str | None = None
     sources: list[str]
@@ -77,48 +131,6 @@ class MergeRecipe(BaseModel):
 
     def methods_used(self) -> set[str]:
         return {g.method for g in self.groups.values()}
-
-    # -- serialisation ----------------------------------------------------------
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MergeRecipe":
-        try:
-            return cls.model_validate(data)
-        except Exception as err:  # pydantic.ValidationError -> one line
-            errors = getattr(err, "errors", None)
-            if callable(errors):
-                first = errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise RecipeError(f"recipe field {where or '<top>'}: {first['msg'].removeprefix('Value error, ')}") from None
-            raise RecipeError(f"invalid recipe: {err}") from None
-
-    @classmethod
-    def from_json(cls, text: str) -> "MergeRecipe":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"recipe is not valid JSON: {err}") from None
-        return cls.from_dict(data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MergeRecipe":
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file {p} does not exist")
-        return cls.from_json(p.read_text())
-
-    def canonical_json(self) -> str:
-        """The recipe as canonical JSON (``canonical_json``): equal strings <=> equal recipes."""
-        return canonical_json(self.to_dict())
-
-    def content_hash(self) -> str:
-        """Stable hash of the recipe's meaning, for caches and ids."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
 
 def canonical_json(recipe: Mapping[str, Any] | None) -> str:

@@ -2,7 +2,7 @@
 
 ``recipe.json`` holds a parameter-space ``MergeRecipe`` or a data-flow ``PathRecipe``; a
 mergekit YAML is a per-group merge (``mergekit_import``) or, for a passthrough that stacks
-layers, a ``LayerStack`` (``layer_stack``). Kept apart from the writers so that the writers
+layers, a ``LayerStack`` (``layer_stack_yaml``). Kept apart from the writers so that the writers
 (``materialise``, ``layer_stack``) never import each other through it.
 """
 
@@ -28,7 +28,7 @@ def load_recipe_file(path: str | Path) -> "MergeRecipe | PathRecipe | LayerStack
 
     JSON: a parameter-space ``MergeRecipe``, or a data-flow ``PathRecipe`` (``"kind": "dataflow"``).
     YAML: a ``LayerStack`` for a passthrough whose slices reorder layers, mix models or have
-    empty ranges (:func:`evomerge.merge.layer_stack.is_layer_stack_yaml`), else a ``MergeRecipe``.
+    empty ranges (:func:`evomerge.merge.layer_stack_yaml.is_layer_stack_yaml`), else a ``MergeRecipe``.
     """
     p = Path(path)
     if not p.is_file():
@@ -51,7 +51,7 @@ def load_recipe_file(path: str | Path) -> "MergeRecipe | PathRecipe | LayerStack
 def _load_yaml_recipe(text: str, base_dir: Path) -> "MergeRecipe | LayerStack":
     import yaml
 
-    from evomerge.merge.layer_stack import has_scale_parameters, is_layer_stack_yaml, stack_from_mergekit_yaml
+    from evomerge.merge.layer_stack_yaml import has_scale_parameters, is_layer_stack_yaml, stack_from_mergekit_yaml
     from evomerge.merge.mergekit_import import from_mergekit_yaml
 
     try:

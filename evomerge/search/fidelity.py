@@ -96,17 +96,24 @@ def subset_estimate(values: Sequence[float], confidence: float, *, total: int, s
 
 
 def entry_probability(estimates: Mapping[str, Estimate], front: Mapping[str, Mapping[str, float]],
-                      directions: Mapping[str, str]) -> float:
-    """The share of the candidate's joint draws that no front member dominates (objectives independent)."""
+                      directions: Mapping[str, str], margin: float = 0.0) -> float:
+    """The share of the candidate's joint draws that no front member dominates (objectives independent).
+
+    ``margin`` > 0: a draw counts as entering only if it beats every member by more than ``margin`` on
+    some objective (epsilon-dominance): entering the front by less than the selection noise is not
+    worth a full evaluation."""
     names = list(directions)
     if not front:
         return 1.0
     signs = np.array([pareto.sign(directions[n]) for n in names])
     cand = np.stack([np.asarray(estimates[n].draws, dtype=float) for n in names], axis=1) * signs  # draws x m
     members = np.array([[scores[n] for n in names] for scores in front.values()], dtype=float) * signs  # f x m
-    geq = (members[None, :, :] >= cand[:, None, :]).all(axis=2)
-    gt = (members[None, :, :] > cand[:, None, :]).any(axis=2)
-    dominated = (geq & gt).any(axis=1)
+    if margin > 0:  # epsilon-dominated: some member within ``margin`` of the draw (or better) everywhere
+        dominated = (members[None, :, :] + margin >= cand[:, None, :]).all(axis=2).any(axis=1)
+    else:
+        geq = (members[None, :, :] >= cand[:, None, :]).all(axis=2)
+        gt = (members[None, :, :] > cand[:, None, :]).any(axis=2)
+        dominated = (geq & gt).any(axis=1)
     return float(1.0 - dominated.mean())
 
 

@@ -78,6 +78,7 @@ class Screener:
         self.k = int(fid.screen_items)
         self.confidence = float(fid.confidence)
         self.min_probability = float(fid.min_probability)
+        self.margin = float(fid.margin)
         self.limits = {o.name: int(o.limit or 0) for o in cfg.objectives}
         self.objectives = [o.name for o in cfg.objectives]
         self.irt: dict[str, Any] | None = None  # objective -> {"model": IrtModel, "anchors": [...]}
@@ -120,7 +121,7 @@ class Screener:
     def entry_probability(self, estimates: Mapping[str, Estimate], front: Mapping[str, Mapping[str, float]],
                           directions: Mapping[str, str]) -> float:
         """P(the candidate's full scores are not dominated by ``front``) (``fidelity.entry_probability``)."""
-        return entry_probability(estimates, front, directions)
+        return entry_probability(estimates, front, directions, self.margin)
 
     def promote(self, probability: float) -> bool:
         """The promotion rule: a chance of entering the front of at least ``min_probability``."""
