@@ -285,7 +285,7 @@ class Search:
                 self.cache.setdefault(job.key, record)
             if self.screener is not None and not self.screener.ready and items:
                 self.screener.calibrate(self.run.records())
-        else:
+        elif not ok:  # (an ok screen estimate is neither on the front nor a failure)
             log.warning("candidate %s failed: %s", job.id, record.error)
         if not cached_from:
             self.busy_s += float(timings.get("merge_s", 0.0)) + float(timings.get("eval_s", 0.0))
