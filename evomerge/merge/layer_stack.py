@@ -31,7 +31,7 @@ import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +39,7 @@ from evomerge.errors import ConfigError, RecipeError, SourceError
 from evomerge.fileio import fsync_dir
 from evomerge.merge.dtypes import FLOATS, ITEMSIZE, OUTPUT_DTYPES, torch_dtype
 from evomerge.merge.path_recipe import PathRecipe
+from evomerge.merge.recipe import RecipeModel
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +98,7 @@ class StackLayer(BaseModel):
         return self
 
 
-class LayerStack(BaseModel):
+class LayerStack(RecipeModel):
     """A plain model assembled from other models' layers (the folded form of a PathRecipe).
 
     ``models`` is kept in one canonical order, ``embed_from`` first and then the others in
@@ -105,7 +106,7 @@ class LayerStack(BaseModel):
     YAML can say, so a stack and its YAML round-trip to an equal stack.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    _what: ClassVar[str] = "layer stack"
 
     models: list[str] = Field(..., min_length=1)
     embed_from: str
@@ -140,19 +141,6 @@ class LayerStack(BaseModel):
         parts = [f"{index[x.model]}{x.layer}" + ("" if x.out_scale == 1.0 else f"*{x.out_scale:.2f}")
                  for x in self.layers]
         return f"{len(self.layers)} layers: " + " ".join(parts)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerStack":
-        try:
-            return cls.model_validate(dict(data))
-        except Exception as err:  # pydantic.ValidationError -> one line
-            errors = getattr(err, "errors", None)
-            if callable(errors):
-                first = errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise RecipeError(f"layer stack field {where or '<top>'}: "
-                                  f"{first['msg'].removeprefix('Value error, ')}") from None
-            raise RecipeError(f"invalid layer stack: {err}") from None
 
 
 def stack_from_path(recipe: PathRecipe) -> LayerStack:
