@@ -39,6 +39,13 @@ OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
+def output_dtype(name: str, error: type[Exception]) -> "torch.dtype":
+    """The torch dtype a folder is written in; ``error`` (one line) for a name no writer supports."""
+    if name not in OUTPUT_DTYPES:
+        raise error(f"output dtype {name!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
+    return torch_dtype(name)
+
+
 def torch_dtype(name: "str | torch.dtype") -> "torch.dtype":
     """The torch dtype called ``name`` ("float32" or "torch.float32"); RecipeError otherwise."""
     import torch

@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError, RecipeError, SourceError
 from evomerge.fileio import fsync_dir
-from evomerge.merge.dtypes import FLOATS, ITEMSIZE, OUTPUT_DTYPES, torch_dtype
-from evomerge.merge.path_recipe import PathRecipe
+from evomerge.merge.dtypes import FLOATS, ITEMSIZE, output_dtype
+from evomerge.merge.path_recipe import PathRecipe, PositiveScale
 from evomerge.merge.recipe import RecipeModel
 
 if TYPE_CHECKING:
@@ -89,13 +89,7 @@ class StackLayer(BaseModel):
 
     model: str
     layer: int = Field(..., ge=0)
-    out_scale: float = 1.0
-
-    @model_validator(mode="after")
-    def _positive(self) -> "StackLayer":
-        if not (math.isfinite(self.out_scale) and self.out_scale > 0):
-            raise ValueError(f"out_scale must be a finite number > 0 (got {self.out_scale})")
-        return self
+    out_scale: PositiveScale = 1.0
 
 
 class LayerStack(RecipeModel):
@@ -302,9 +296,7 @@ def write_stack(stack: LayerStack, out_dir: str | Path, *, max_shard_size: str |
     out = Path(out_dir)
     limit = parse_size(max_shard_size)
     out_name = dtype or stack.dtype
-    if out_name not in OUTPUT_DTYPES:
-        raise ConfigError(f"output dtype {out_name!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
-    out_dtype = torch_dtype(out_name)
+    out_dtype = output_dtype(out_name, ConfigError)
     srcs = {m: resolve_source(m, allow_pickle=allow_pickle, revision=revision) for m in stack.models}
     try:
         plan, config = _plan(stack, srcs, out_name)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from evomerge.errors import ConfigError, RecipeError
 from evomerge.fileio import atomic_file, fsync_dir
-from evomerge.merge.dtypes import FLOATS, ITEMSIZE, OUTPUT_DTYPES, ST_CODES, torch_dtype
+from evomerge.merge.dtypes import FLOATS, ITEMSIZE, OUTPUT_DTYPES, ST_CODES, output_dtype, torch_dtype
 from evomerge.merge.inplace import InPlaceMerger
 from evomerge.merge.inputs import read_inputs
 from evomerge.merge.recipe import MergeRecipe
@@ -207,9 +207,7 @@ def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_s
     limit = parse_size(max_shard_size)
     dev = _check_device(device)
     out_name = dtype or recipe.dtype
-    if out_name not in OUTPUT_DTYPES:
-        raise RecipeError(f"output dtype {out_name!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
-    out_dtype = torch_dtype(out_name)
+    out_dtype = output_dtype(out_name, RecipeError)
     cd = torch_dtype(recipe.compute_dtype)
     ref = model_set.reference
     idx = source_indices(recipe, model_set)

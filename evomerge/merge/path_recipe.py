@@ -19,9 +19,9 @@ running product of scales (``fold_factors``), which is how export writes a plain
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.merge.recipe import RecipeModel
 
@@ -31,6 +31,17 @@ __all__ = ["PathRecipe", "PathStep", "DATAFLOW_KIND"]
 DATAFLOW_KIND = "dataflow"
 
 
+def _positive_scale(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a finite number > 0 (got {value}); a path only rescales the hidden state, "
+                         f"it never flips or zeroes it")
+    return value
+
+
+#: a scale on the residual stream (a path step's) or on a layer's outputs (a stack layer's, folded)
+PositiveScale = Annotated[float, AfterValidator(_positive_scale)]
+
+
 class PathStep(BaseModel):
     """One position of the path: decoder layer ``layer`` of ``model``, entered with ``scale``."""
 
@@ -38,14 +49,7 @@ class PathStep(BaseModel):
 
     model: str
     layer: int = Field(..., ge=0)
-    scale: float = 1.0
-
-    @model_validator(mode="after")
-    def _positive(self) -> "PathStep":
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be a finite number > 0 (got {self.scale}); a path only rescales "
-                             f"the hidden state, it never flips or zeroes it")
-        return self
+    scale: PositiveScale = 1.0
 
 
 class PathRecipe(RecipeModel):

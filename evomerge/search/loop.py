@@ -284,7 +284,7 @@ class Search:
             if job.key:
                 self.cache.setdefault(job.key, record)
             if self.screener is not None and not self.screener.ready and items:
-                self.screener.calibrate(self.run.records())
+                self._calibrate_when_due()
         elif not ok:  # (an ok screen estimate is neither on the front nor a failure)
             log.warning("candidate %s failed: %s", job.id, record.error)
         if not cached_from:
@@ -295,6 +295,14 @@ class Search:
                              screen=screen if not measured else None)
             else:
                 self.queue.append(waiter)  # failures are not cached: evaluate the duplicate itself
+
+    def _calibrate_when_due(self) -> None:
+        """Fit the IRT model once ``irt.calibration`` candidates are measured with their items. Counted in
+        memory; the log (which also holds the references' items) is read once, when the fit is due."""
+        assert self.screener is not None
+        measured = sum(1 for r in self.records_by_id.values() if r.ok and r.measured and r.items and not r.cached_from)
+        if measured >= self.cfg.evaluation.irt.calibration:
+            self.screener.calibrate(self.run.records())
 
     def _handle(self, ev: Event) -> None:
         job = ev.job
