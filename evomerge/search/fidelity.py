@@ -53,9 +53,6 @@ class Estimate:
     high: float
     draws: tuple[float, ...] = ()  # plausible full-set scores: what the promotion rule integrates over
 
-    def to_json(self) -> dict[str, float]:
-        return {"mean": self.mean, "low": self.low, "high": self.high}
-
 
 #: draws per objective: the promotion probability's Monte Carlo error is below 0.01
 N_DRAWS = 4000

@@ -49,10 +49,6 @@ def check_fidelity(cfg: SearchConfig) -> None:
             raise ConfigError(f"config field evaluation.fidelity.screen_items: {fid.screen_items} is not fewer than "
                               f"objective {o.name!r}'s limit {o.limit}, so a screen would cost a full evaluation; "
                               f"lower it (e.g. to {max(1, o.limit // 8)})")
-    if cfg.evaluation.estimator == "irt":
-        limits = [o.limit for o in cfg.objectives if o.limit is not None]
-        if limits and cfg.evaluation.irt.calibration < 2:
-            raise ConfigError("config field evaluation.irt.calibration: fit on at least 2 candidates")
 
 
 def screen_positions(limit: int | None, k: int, seed: int, name: str) -> list[int]:
