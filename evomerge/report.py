@@ -120,6 +120,19 @@ def summary(view: RunView) -> dict[str, Any]:
             "reference": ref, "per_hour": per_hour, "fidelity": fidelity_summary(view)}
 
 
+def items_spent(evaluation: Any, full_items: int) -> int:
+    """Item evaluations one logged candidate cost: nothing when served from the cache; its screen's items;
+    and, when measured in full, every selection item (``full_items``) -- less the screened ones when the
+    full evaluation reused them (``screen.reuse``; screens logged before reuse re-scored every item)."""
+    if evaluation.cached_from:
+        return 0
+    screen = evaluation.screen or {}
+    screened = int(screen.get("n_items") or 0)
+    if not (evaluation.ok and evaluation.measured):
+        return screened
+    return full_items if (screen.get("promoted") and screen.get("reuse")) else screened + full_items
+
+
 def fidelity_summary(view: RunView) -> dict[str, Any] | None:
     """A screening run's counts (``evaluation.fidelity``): screened, promoted and measured, estimates only,
     and the items spent per candidate against a full evaluation; None for a run that does not screen."""
@@ -129,7 +142,7 @@ def fidelity_summary(view: RunView) -> dict[str, Any] | None:
     full_items = sum(int(o.get("limit") or 0) for o in (view.config.get("objectives") or []))
     measured = [e for e in view.evaluations if e.ok and e.measured and not e.cached_from]
     estimated = view.estimated_evaluations()
-    spent = sum(int(e.screen.get("n_items") or 0) for e in screened) + full_items * len(measured)
+    spent = sum(items_spent(e, full_items) for e in view.evaluations)
     n = len([e for e in view.evaluations if not e.cached_from]) or 1
     return {"estimator": screened[0].screen.get("estimator"), "screened": len(screened),
             "promoted": sum(1 for e in screened if e.screen.get("promoted")), "measured": len(measured),

@@ -272,21 +272,22 @@ def search_wall_s(run_dir: Path) -> float:
 
 
 def item_stats(view) -> dict[str, Any]:
-    """Item evaluations a run spent: per candidate not served from the cache, its screen's items plus, when
-    measured in full, every selection item of every objective (the objectives' ``limit``)."""
+    """Item evaluations a run spent (``report.items_spent`` per candidate), and its candidates, measured,
+    screened and promoted counts."""
+    from evomerge.report import items_spent
+
     full_items = sum(int(o.get("limit") or 0) for o in (view.config.get("objectives") or []))
     spent = candidates = measured = screened = promoted = 0
     for e in view.evaluations:
         if e.cached_from:
             continue
         candidates += 1
+        spent += items_spent(e, full_items)
         if e.screen:
             screened += 1
             promoted += bool(e.screen.get("promoted"))
-            spent += int(e.screen.get("n_items") or 0)
         if e.ok and e.measured:
             measured += 1
-            spent += full_items
     return {"spent": spent, "candidates": candidates, "measured": measured, "screened": screened,
             "promoted": promoted, "per_candidate": spent / max(1, candidates), "full_items": full_items}
 

@@ -109,3 +109,33 @@ def test_bad_fidelity_configs_are_one_line(evaluation, objective, fragment) -> N
     with pytest.raises(ConfigError) as err:
         check_fidelity(parse_config(raw))
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def _screener(tmp_path, limit: int = 8):
+    from evomerge.rundir import RunDir
+    from evomerge.search.screening import Screener
+
+    raw = _cfg(fidelity={"screen_items": 3})
+    raw["objectives"][0]["limit"] = limit
+    return Screener(parse_config(raw), RunDir(tmp_path))
+
+
+def test_a_screen_is_reused_only_when_lm_evals_score_is_the_mean_of_its_items(tmp_path) -> None:
+    s = _screener(tmp_path)
+    assert s.reusable({"x": 2 / 3}, {"x": [1.0, 0.0, 1.0]})
+    assert s.reusable({"x": 0.1 + 0.2 + 0.3}, {"x": [0.1, 0.2, 0.3]}) is False  # a sum, not a mean
+    assert not s.reusable({"x": 0.5}, {"x": [1.0, 0.0, 1.0]})  # e.g. a corpus-level metric: re-score every item
+    assert not s.reusable({}, {"x": [1.0]}) and not s.reusable({"x": 1.0}, {})
+
+
+def test_a_promoted_candidates_full_result_is_its_screen_plus_the_rest_in_item_order(tmp_path) -> None:
+    s = _screener(tmp_path)
+    screen = {"positions": {"x": [1, 4, 6]}, "items": {"x": [1.0, 0.0, 1.0]}}
+    rest_items = s.rest_items(screen["positions"])
+    assert rest_items == {"x": [0, 2, 3, 5, 7]}
+    rest = {"status": "ok", "scores": {"x": 0.4}, "items": {"x": [0.0, 1.0, 1.0, 0.0, 0.0]}, "timings": {"eval_s": 1}}
+    full = s.with_screen(rest, screen, rest_items)
+    assert full["items"] == {"x": [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]}
+    assert full["scores"] == {"x": 4 / 8} and full["status"] == "ok" and full["timings"] == {"eval_s": 1}
+    short = s.with_screen({**rest, "items": {"x": [0.0]}}, screen, rest_items)
+    assert short["status"] == "failed" and "1 per-item values for the 5 unscreened items of x" in short["error"]

@@ -83,6 +83,8 @@ def test_promotion_follows_the_entry_probability_and_only_measurements_reach_the
     for r in promoted:  # promoted: the screen was logged first, then the full measurement
         assert screens[r["id"]]["entry_probability"] == r["screen"]["entry_probability"]
         assert len(r["items"]["sort"]) == 32  # every selection item measured (record_items)
+        assert r["screen"]["reuse"] is True  # exact_match aggregates by mean: the screen's items are reused
+        assert all(r["scores"][k] == sum(v) / len(v) for k, v in r["items"].items())
     front = json.loads((subset_run / "front.json").read_text())["members"]
     assert front and set(front) <= {r["id"] for r in promoted}
     assert "failed:" not in (subset_run / "driver.log").read_text()  # an estimate is not a failure
@@ -96,6 +98,18 @@ def test_a_screen_scores_exactly_its_items_of_the_full_evaluation(subset_run):
             continue
         for name, positions in r["screen"]["positions"].items():
             assert r["screen"]["items"][name] == [r["items"][name][p] for p in positions]
+
+
+def test_a_promoted_candidate_is_charged_its_full_set_once(subset_run):
+    """Reusing the screen, a promoted candidate costs its 64 selection items, not 16 + 64: status counts it so."""
+    from evomerge.report import fidelity_summary
+    from evomerge.runview import load_run
+
+    view = load_run(subset_run)
+    evals = records(subset_run)
+    promoted = sum(r["fidelity"] == "full" for r in evals)
+    summary = fidelity_summary(view)
+    assert summary["items_per_candidate"] == pytest.approx((64 * promoted + 16 * (len(evals) - promoted)) / len(evals))
 
 
 def test_the_same_positions_screen_every_candidate_and_they_are_not_a_prefix(subset_run):
@@ -132,7 +146,7 @@ def test_irt_anchors_are_fitted_once_and_persist_across_resume(ray_address, tmp_
     assert len(later) == 4 and all(r["screen"]["positions"] == anchors for r in later)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(560)
 def test_lm_eval_cli_with_the_screens_doc_ids_reproduces_the_screen_score(subset_run, tmp_path):
     """The screen is recorded as lm-eval's own doc ids, so `lm_eval --samples` on the export scores it again."""
     member = next(r for r in records(subset_run) if r["fidelity"] == "full")
@@ -151,3 +165,16 @@ def test_lm_eval_cli_with_the_screens_doc_ids_reproduces_the_screen_score(subset
     cli = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]
     for name in doc_ids:
         assert cli[f"demo_{name}"]["exact_match,none"] == pytest.approx(member["screen"]["scores"][name], abs=1e-12)
+    # the full score, measured as the screen's items plus the unscreened rest, is lm-eval's on every selection item
+    from evaluators.lm_eval_evaluator import sample_ids
+
+    selection = {f"demo_{name}": sample_ids(256, 32, 0, f"demo_{name}") for name in doc_ids}
+    assert all(set(samples[t]) < set(ids) for t, ids in selection.items())
+    out_full = tmp_path / "out_full"
+    cmd[cmd.index("--samples") + 1] = json.dumps(selection)
+    cmd[cmd.index("--output_path") + 1] = str(out_full)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = json.loads(sorted(out_full.rglob("results_*.json"))[-1].read_text())["results"]
+    for name in doc_ids:
+        assert cli[f"demo_{name}"]["exact_match,none"] == member["scores"][name]

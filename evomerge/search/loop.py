@@ -169,9 +169,19 @@ class Search:
         """A candidate's job: a screen when the run screens (and this candidate was not promoted before a
         crash: it is then measured at once), else a full evaluation."""
         job = Job(Kind.EVALUATION, asked.id, asked.recipe, asked=asked, key=self._key(asked.recipe))
-        if self.screener is not None and self.screener.ready and asked.id not in self.screens:
+        if self.screener is not None and asked.id in self.screens:
+            self._measure_rest(job, self.screens[asked.id])
+        elif self.screener is not None and self.screener.ready:
             job.stage, job.items = "screen", self.screener.items()
         return job
+
+    def _measure_rest(self, job: Job, screen: dict[str, Any]) -> None:
+        """Make ``job`` a promoted candidate's full evaluation: only the items its screen did not score,
+        when the screen may be reused (``Screener.reusable``); every item otherwise (and for screens
+        logged before reuse existed, which carry no ``reuse`` flag)."""
+        assert self.screener is not None
+        if screen.get("reuse"):
+            job.stage, job.items = "rest", self.screener.rest_items(screen["positions"])
 
     # -- budget ---------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -243,11 +253,13 @@ class Search:
                                  probability, positions=job.items)
         summary["timings"] = timings
         summary["doc_ids"] = result.get("doc_ids") or {}  # lm-eval's ids: `lm_eval --samples` reproduces the screen
+        summary["reuse"] = self.screener.reusable(result.get("scores") or {}, values)
         if promoted:  # logged before the full job goes out: a crash now resumes with the full evaluation
             self.run.append(ScreenRecord(id=job.id, index=job.asked.index, screen=summary, finished_at=time.time()))
             self.screens[job.id] = summary
-            self.queue.appendleft(Job(Kind.EVALUATION, job.id, job.recipe, asked=job.asked, key=job.key,
-                                      asked_at=job.asked_at))
+            full = Job(Kind.EVALUATION, job.id, job.recipe, asked=job.asked, key=job.key, asked_at=job.asked_at)
+            self._measure_rest(full, summary)
+            self.queue.appendleft(full)
             return
         self._finish(job, {**result, "scores": summary["scores"], "items": None}, fidelity=Fidelity.SCREEN,
                      screen=summary)
@@ -316,6 +328,9 @@ class Search:
         if job.stage == "screen" and ev.result["status"] == Status.OK.value:
             self._screened(job, ev.result)
             return
+        if job.stage == "rest" and ev.result["status"] == Status.OK.value:
+            assert self.screener is not None
+            ev.result = self.screener.with_screen(ev.result, self.screens[job.id], job.items or {})
         self._finish(job, ev.result)
 
     def _search_loop(self, progress: Any) -> None:

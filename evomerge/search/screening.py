@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
-from evomerge.records import EvaluationRecord, Record, ReferenceRecord
+from evomerge.records import EvaluationRecord, Record, ReferenceRecord, Status
 from evomerge.rundir import RunDir
 from evomerge.search.fidelity import Estimate, entry_probability, subset_estimate
 
@@ -96,6 +96,43 @@ class Screener:
         assert self.irt is not None
         return {name: list(self.irt[name]["anchors"]) for name in self.objectives}
 
+    def rest_items(self, screened: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+        """Per objective, the selection items a promoted candidate's screen did not score: all its full
+        evaluation still needs when the screen is reused."""
+        return {name: sorted(set(range(self.limits[name])) - {int(p) for p in screened[name]})
+                for name in self.objectives}
+
+    @staticmethod
+    def reusable(scores: Mapping[str, float], values: Mapping[str, Sequence[float]]) -> bool:
+        """Whether a screen's items can be part of the candidate's full evaluation: lm-eval's score of every
+        screened objective is the plain mean of its per-item values (the metric aggregates by ``mean``), so
+        the full-set score is the mean over the screened and the remaining items, as lm-eval would compute
+        it on all of them. A metric aggregated otherwise is re-scored on every item."""
+        return bool(values) and all(
+            name in scores and len(v) > 0 and abs(float(scores[name]) - _mean(v)) <= 1e-12 * max(1.0, abs(_mean(v)))
+            for name, v in values.items())
+
+    def with_screen(self, rest: Mapping[str, Any], screen: Mapping[str, Any],
+                    rest_items: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        """A promoted candidate's full result from its screen and the rest of its items: per objective, the
+        per-item values in item order (as a full evaluation logs them) and lm-eval's mean over all of them."""
+        values = rest.get("items") or {}
+        scores: dict[str, float] = {}
+        items: dict[str, list[float]] = {}
+        for name in self.objectives:
+            by_position = dict(zip((int(p) for p in screen["positions"][name]), screen["items"][name]))
+            got = list(values.get(name) or [])
+            if len(got) != len(rest_items[name]):
+                return {**rest, "status": Status.FAILED.value, "scores": {},
+                        "error": f"evaluation: {len(got)} per-item values for the {len(rest_items[name])} unscreened "
+                                 f"items of {name}; the evaluator must report per-item results"}
+            by_position.update(zip((int(p) for p in rest_items[name]), got))
+            assert sorted(by_position) == list(range(self.limits[name])), "screen and rest must cover every item"
+            items[name] = [float(by_position[p]) for p in range(self.limits[name])]
+            scores[name] = _mean(items[name])
+        timings = dict(rest.get("timings") or {})
+        return {**rest, "scores": scores, "items": items, "timings": timings}
+
     # -- what a screen says --------------------------------------------------------------
     def estimate(self, item_values: Mapping[str, Sequence[float]], seed: int) -> dict[str, Estimate]:
         """Each objective's estimate, interval and draws of its full-set score, from the screen's per-item
@@ -142,6 +179,11 @@ class Screener:
         log.info("IRT fitted on %d models (%d references, %d candidates); %d anchors per objective",
                  len(rows), len(refs), n, self.k)
         return True
+
+
+def _mean(values: Sequence[float]) -> float:
+    """lm-eval's ``mean`` aggregation, the same expression (so the same float)."""
+    return sum(values) / len(values)
 
 
 def irt_estimate(irt: Any, model: Any, anchors: Sequence[int], values: Sequence[float], confidence: float,
