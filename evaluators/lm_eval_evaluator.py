@@ -53,7 +53,7 @@ from evaluators.request_cache import (
 
 # tokenizer_fingerprint (request_cache.py) is also reached through here.
 __all__ = ["FEWSHOT_SEED", "OTHER_SEED", "RANDOM_SEED", "LmEvalEvaluator", "RunSpec", "code_execution_allowed",
-           "complement_ids", "heldout_limit", "sample_ids", "tokenizer_fingerprint"]
+           "complement_ids", "heldout_limit", "load_tokenizer", "sample_ids", "tokenizer_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class LmEvalEvaluator:
         names = [t for o in objectives for t, _, _ in _objective_tasks(o)]
         names += [o.heldout_task for o in objectives if o.heldout_task]
         self._manager = ti.manager_for(names, self._paths)
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.device = device
         self._terms: dict[str, list[Term]] = {}
         self._logical: dict[str, _Logical] = {}
@@ -535,7 +535,8 @@ def _install_docs(task: Any, spec: RunSpec, name: str) -> list[int]:
     return ids
 
 
-def _load_tokenizer(tokenizer: Any) -> Any:
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as given, or one loaded from a local folder path (the evaluators accept both)."""
     if tokenizer is None or not isinstance(tokenizer, (str, bytes)) and not hasattr(tokenizer, "__fspath__"):
         return tokenizer
     from transformers import AutoTokenizer

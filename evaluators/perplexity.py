@@ -72,10 +72,10 @@ class PerplexityEvaluator:
                 raise EvaluatorError(f"objective {obj.name!r}: perplexity is minimized; remove direction: maximize")
 
     def __init__(self, objectives: Sequence[ObjectiveConfig], cfg: SearchConfig, tokenizer: Any, device: Any) -> None:
-        from evaluators.lm_eval_evaluator import _load_tokenizer
+        from evaluators.lm_eval_evaluator import load_tokenizer
 
         self.check(objectives, cfg)
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         if self.tokenizer is None:
             raise EvaluatorError("perplexity objectives need a tokenizer (models.tokenizer_source or the base model's)")
         self.device = device

@@ -99,6 +99,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--screen-items", type=int, default=16, help="evaluation.fidelity.screen_items (default 16)")
     ap.add_argument("--min-probability", type=float, default=None,
                     help="evaluation.fidelity.min_probability (default: the config's default)")
+    ap.add_argument("--margin", type=float, default=None,
+                    help="evaluation.fidelity.margin (default: the config's default, 0: exact dominance)")
     ap.add_argument("--irt-calibration", type=int, default=32, help="evaluation.irt.calibration (default 32)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -131,6 +133,8 @@ def main(argv: list[str]) -> int:
                   "--set", f"evaluation.fidelity.screen_items={args.screen_items}"]
         if args.min_probability is not None:
             common += ["--set", f"evaluation.fidelity.min_probability={args.min_probability}"]
+        if args.margin is not None:
+            common += ["--set", f"evaluation.fidelity.margin={args.margin}"]
         fid_dirs[MF_LABEL] = out / "multi_fidelity"
         fid_dirs[IRT_LABEL] = out / "irt_anchors"
         run_search(DEMO, ["--run-dir", str(fid_dirs[MF_LABEL]), *common], env)
@@ -216,8 +220,8 @@ def main(argv: list[str]) -> int:
                        for label in fid_views})
         print(f"\nsame wall clock: budget.wall_clock_s={wall_budget:.1f}s (the default search's), "
               f"screen_items={args.screen_items}, min_probability="
-              f"{args.min_probability if args.min_probability is not None else 'default'}, "
-              f"irt.calibration={args.irt_calibration}")
+              f"{args.min_probability if args.min_probability is not None else 'default'}, margin="
+              f"{args.margin if args.margin is not None else 'default'}, irt.calibration={args.irt_calibration}")
         print("row".ljust(26) + "wall_s  cands  measured  promoted/screened  front  item evals  items/cand  cands/h"
               + "   held-out mean [95%]      default − row [95% paired]   held-out HV")
         stats = {}

@@ -13,8 +13,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 
-def _ev(eid, *, measured=True, screen_items=None, promoted=False, cached_from=None, ok=True, items=None):
+def _ev(eid, *, measured=True, screen_items=None, promoted=False, cached_from=None, ok=True, items=None,
+        reuse=None):
     screen = None if screen_items is None else {"n_items": screen_items, "promoted": promoted}
+    if reuse is not None:
+        screen["reuse"] = reuse
     return SimpleNamespace(id=eid, ok=ok, measured=measured, screen=screen, cached_from=cached_from, items=items)
 
 
@@ -27,12 +30,24 @@ def test_item_stats_counts_screens_full_evaluations_and_nothing_for_cache_hits()
         _ev("c", screen_items=32, promoted=True),  # promoted: 32 + 256
         _ev("d", measured=False, screen_items=32, cached_from="b"),  # duplicate: free, not a candidate
         _ev("e", cached_from="a"),
+        _ev("f", screen_items=32, promoted=True, reuse=True),  # promoted, screen reused: 256 in all
+        _ev("g", measured=False, screen_items=32, reuse=True),  # not promoted: 32
     ])
     st = item_stats(view)
-    assert st["spent"] == 256 + 32 + 32 + 256
-    assert st["candidates"] == 3 and st["measured"] == 2
-    assert (st["screened"], st["promoted"]) == (2, 1)
-    assert st["per_candidate"] == st["spent"] / 3
+    assert st["spent"] == 256 + 32 + 32 + 256 + 256 + 32
+    assert st["candidates"] == 5 and st["measured"] == 3
+    assert (st["screened"], st["promoted"]) == (4, 2)
+    assert st["per_candidate"] == st["spent"] / 5
+
+
+def test_fidelity_bound_counts_candidates_entering_the_front_exactly_and_by_a_margin():
+    from fidelity_bound import entry_shares
+
+    rows = [SimpleNamespace(id=i, scores={"a": a, "b": b}) for i, (a, b) in enumerate(
+        [(0.5, 0.5), (0.6, 0.4), (0.51, 0.49), (0.4, 0.4), (0.7, 0.7)])]
+    shares = entry_shares(rows, {"a": "maximize", "b": "maximize"}, [0.0, 0.02])
+    # exactly: 0, 1 and 2 are not dominated when they come, 3 is, 4 is; by 0.02: 2 is within 0.02 of 0
+    assert shares == {0.0: 4 / 5, 0.02: 3 / 5}
 
 
 def test_search_wall_s_leaves_out_the_heldout_rescoring(tmp_path):

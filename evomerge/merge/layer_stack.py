@@ -291,7 +291,7 @@ def write_stack(stack: LayerStack, out_dir: str | Path, *, max_shard_size: str |
         parse_size,
         write_shards,
     )
-    from evomerge.merge.sources import _tokenizer_folder, resolve_source
+    from evomerge.merge.sources import tokenizer_folder, resolve_source
 
     out = Path(out_dir)
     limit = parse_size(max_shard_size)
@@ -301,7 +301,7 @@ def write_stack(stack: LayerStack, out_dir: str | Path, *, max_shard_size: str |
     try:
         plan, config = _plan(stack, srcs, out_name)
         tok = stack.tokenizer_source
-        tok_path = srcs[stack.embed_from].path if tok in (None, "base") else _tokenizer_folder(
+        tok_path = srcs[stack.embed_from].path if tok in (None, "base") else tokenizer_folder(
             tok, list(srcs.values()), revision)
         _check_out_dir(out, SimpleNamespace(models=list(srcs.values()), tokenizer_path=tok_path))
 

@@ -147,11 +147,11 @@ def has_scale_parameters(doc: Any) -> bool:
 
 def _scale_at(scopes: list[Any], tensor: str, t: float, where: str) -> float:
     """mergekit's resolution of ``scale`` for one tensor (first scope that sets it; unset = 1)."""
-    from evomerge.merge.mergekit_import import _eval_setting
+    from evomerge.merge.mergekit_import import eval_setting
 
     for scope in scopes:
         if isinstance(scope, dict) and "scale" in scope:
-            v = _eval_setting(scope["scale"], tensor, t, f"{where}.scale")
+            v = eval_setting(scope["scale"], tensor, t, f"{where}.scale")
             if v is not None:
                 try:
                     f = float(v)
@@ -170,7 +170,7 @@ def stack_from_mergekit_yaml(doc: Mapping[str, Any], base_dir: Path | None = Non
     down_proj, equally on both. Zero-length slices may come first and last only, naming the
     model of the embeddings and of the final norm/head, which must be one model. Model paths
     are relative to ``base_dir`` (the YAML's folder) when they exist there."""
-    from evomerge.merge.mergekit_import import _ref
+    from evomerge.merge.mergekit_import import source_ref
 
     if not isinstance(doc, Mapping):
         raise RecipeError("mergekit YAML: the document must be a mapping")
@@ -218,7 +218,7 @@ def stack_from_mergekit_yaml(doc: Mapping[str, Any], base_dir: Path | None = Non
             if set(scope) - {"scale"}:
                 raise RecipeError(f"mergekit YAML {where}.{k}: {sorted(set(scope) - {'scale'})[0]!r} is not a "
                                   f"passthrough parameter a layer stack understands; only scale is")
-        parsed.append((_ref(src["model"], w, bd), lr[0], lr[1], scopes, where))
+        parsed.append((source_ref(src["model"], w, bd), lr[0], lr[1], scopes, where))
 
     for i, (_, start, end, _, where) in enumerate(parsed):
         if start == end and 0 < i < len(parsed) - 1:
@@ -230,7 +230,7 @@ def stack_from_mergekit_yaml(doc: Mapping[str, Any], base_dir: Path | None = Non
                           f"head from {head_ref} (slices[-1]); a layer stack takes both from one model: add a "
                           f"zero-length slice of it first or last")
     if doc.get("base_model") is not None:
-        base = _ref(doc["base_model"], "base_model", bd)
+        base = source_ref(doc["base_model"], "base_model", bd)
         if base != embed_ref:
             raise RecipeError(f"mergekit YAML base_model {base} is not the model of the embeddings and head "
                               f"({embed_ref}); mergekit would copy its config: make them the same model")
@@ -269,6 +269,6 @@ def stack_from_mergekit_yaml(doc: Mapping[str, Any], base_dir: Path | None = Non
         elif tok == "union" or not isinstance(tok, str):
             raise RecipeError(f"mergekit YAML tokenizer_source: {tok!r} is not supported; name one model's tokenizer")
         else:
-            tok = _ref(tok, "tokenizer_source", bd)
+            tok = source_ref(tok, "tokenizer_source", bd)
     return LayerStack.from_dict({"models": list(dict.fromkeys(models)), "embed_from": embed_ref, "layers": layers,
                                  "dtype": str(dtype), "tokenizer_source": tok})

@@ -43,7 +43,7 @@ from evomerge.merge.mergekit_spec import (
 )
 from evomerge.merge.recipe import MergeRecipe
 
-__all__ = ["from_mergekit_yaml"]
+__all__ = ["eval_setting", "from_mergekit_yaml", "source_ref"]
 
 
 _TOP_KEYS = {
@@ -52,7 +52,9 @@ _TOP_KEYS = {
 }
 
 
-def _ref(value: Any, where: str, base_dir: Path | None) -> str:
+def source_ref(value: Any, where: str, base_dir: Path | None) -> str:
+    """A mergekit YAML's model reference (a string, or mergekit's ``{model: {path: ...}}`` forms) as the
+    reference evomerge loads: a relative local folder is resolved against the YAML's folder."""
     if isinstance(value, dict) and set(value) <= {"model", "path"}:  # {model: {path: ...}} forms
         value = value.get("model", value.get("path"))
         if isinstance(value, dict):
@@ -76,7 +78,7 @@ def _model_config(ref: str) -> dict[str, Any] | None:
     return None
 
 
-def _eval_setting(setting: Any, tensor: str, t: float, where: str) -> Any:
+def eval_setting(setting: Any, tensor: str, t: float, where: str) -> Any:
     """mergekit's ``evaluate_setting``: filters (first match wins) and interpolated gradients."""
     if isinstance(setting, dict):
         setting = [setting]
@@ -101,7 +103,7 @@ def _eval_setting(setting: Any, tensor: str, t: float, where: str) -> Any:
                 )
             flt = cond.get("filter")
             if flt is None or flt == "*" or (tensor and str(flt) in tensor):
-                return _eval_setting(cond["value"], tensor, t, where)
+                return eval_setting(cond["value"], tensor, t, where)
         return None
     raise RecipeError(f"mergekit YAML {where}: unexpected parameter value {setting!r}")
 
@@ -118,7 +120,7 @@ def _num_or_str(v: Any) -> Any:
 def _resolve(name: str, scopes: list[Mapping[str, Any] | None], tensor: str, t: float, where: str) -> Any:
     for scope in scopes:
         if scope and name in scope:
-            v = _eval_setting(scope[name], tensor, t, f"{where}.{name}")
+            v = eval_setting(scope[name], tensor, t, f"{where}.{name}")
             if v is not None:
                 return v
     return REQUIRED
@@ -160,7 +162,7 @@ def _read_slices(doc: dict[str, Any], base_dir: Path | None, num_layers: int | N
                 w = f"{where}.sources[{j}]"
                 if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                     raise RecipeError(f"mergekit YAML {w}: needs 'model' and 'layer_range'")
-                ref = _ref(src["model"], w, base_dir)
+                ref = source_ref(src["model"], w, base_dir)
                 lr = src["layer_range"]
                 if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
                     raise RecipeError(f"mergekit YAML {w}.layer_range: expected [start, end], got {lr!r}")
@@ -192,7 +194,7 @@ def _read_slices(doc: dict[str, Any], base_dir: Path | None, num_layers: int | N
             m = {"model": m}
         if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "parameters"}:
             raise RecipeError(f"mergekit YAML {w}: expected {{model, parameters}}")
-        ref = _ref(m["model"], w, base_dir)
+        ref = source_ref(m["model"], w, base_dir)
         models.append(ref)
         mparams[ref] = _mapping(m.get("parameters"), f"{w}.parameters")
     return [_Slice(0, num_layers or 0, models, mparams, None)], num_layers
@@ -251,7 +253,7 @@ def _import_doc(doc: dict[str, Any], base_dir: Path | None, seed: int,
         raise RecipeError("mergekit YAML: 'merge_method' is missing; add e.g. merge_method: ties")
     method = str(doc["merge_method"])
     spec = spec_of(method, "mergekit YAML merge_method")
-    base = _ref(doc["base_model"], "base_model", base_dir) if doc.get("base_model") is not None else None
+    base = source_ref(doc["base_model"], "base_model", base_dir) if doc.get("base_model") is not None else None
     if spec.uses_base and base is None:
         raise RecipeError(f"mergekit YAML: {method} needs 'base_model'; add it")
 
@@ -262,7 +264,7 @@ def _import_doc(doc: dict[str, Any], base_dir: Path | None, seed: int,
     ]
     for ref in ([base] if base else []) + [(m.get("model") if isinstance(m, dict) else m) for m in listed]:
         if isinstance(ref, str):
-            cfg = _model_config(_ref(ref, "models", base_dir))
+            cfg = _model_config(source_ref(ref, "models", base_dir))
             if cfg:
                 break
     layout = LAYOUTS_BY_MODEL_TYPE.get((cfg or {}).get("model_type", "llama"), LAYOUTS_BY_MODEL_TYPE["llama"])
@@ -363,7 +365,7 @@ def _tok(value: Any, base: str | None, base_dir: Path | None) -> str:
         return base
     if value == "union":
         raise RecipeError("mergekit YAML tokenizer_source: 'union' is not supported; name one model's tokenizer")
-    return _ref(value, "tokenizer_source", base_dir)
+    return source_ref(value, "tokenizer_source", base_dir)
 
 
 def _agree(leaf: str, p: str, values: list[Any], default: Any, src: str | None = None) -> Any:

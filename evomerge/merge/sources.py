@@ -417,7 +417,9 @@ def check_compatible(a: ModelSource, b: ModelSource, *, same_vocab: bool = True)
                               f"vs {list(b.shape(name))}; merge only models of one architecture and size")
 
 
-def _tokenizer_folder(ref: str, models: list[ModelSource], revision: str | None) -> Path:
+def tokenizer_folder(ref: str, models: list[ModelSource], revision: str | None) -> Path:
+    """The folder of ``tokenizer_source``: one of the merge's own models, else a model folder located
+    for its tokenizer files only (an error in one line when it has none)."""
     for m in models:
         if m.ref == ref:
             return m.path
@@ -447,7 +449,7 @@ def load_model_set(base: str | None, sources: list[str], *, tokenizer_source: st
     if tokenizer_source in (None, "base"):
         tok_path = ref.path
     else:
-        tok_path = _tokenizer_folder(tokenizer_source, models, revision)
+        tok_path = tokenizer_folder(tokenizer_source, models, revision)
     return ModelSet(base=base_src, sources=srcs, layout=layout, groups={n: groups[n] for n in order},
                     num_layers=num_layers(groups.values()), tokenizer_path=tok_path, tensor_names=order)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.methods import PerSource, method_from_signature
-from evomerge.merge.whole_model import _work_dtype
+from evomerge.merge.whole_model import work_dtype
 
 Tensor = torch.Tensor
 
@@ -69,7 +69,7 @@ def multislerp(
     mergekit divides by it (inf/NaN). mergekit requires ``weight``; the default here is 1.0.
     """
     n = deltas.shape[0]
-    work = _work_dtype(base)
+    work = work_dtype(base)
     b = base.to(work)
     if n == 1:
         return (b + deltas[0].to(work)).to(base.dtype)
@@ -117,7 +117,7 @@ def nuslerp(
     scaled by ``sin`` of its share of the angle (mergekit's arithmetic, kept).
     mergekit requires ``weight``; the default here is 1.0.
     """
-    work = _work_dtype(base)
+    work = work_dtype(base)
     w0, w1 = float(weight[0]), float(weight[1])
     total = w0 + w1
     t = 0.5 if abs(total) < NUSLERP_ZERO_TOTAL else w1 / total
@@ -168,7 +168,7 @@ def karcher(
     Cases: one input is returned unchanged; all inputs at most ``tol`` in norm give zeros.
     ``max_iter`` arrives as a float (a whole number, checked with the recipe).
     """
-    work = _work_dtype(base)
+    work = work_dtype(base)
     n = deltas.shape[0]
     if n == 1 and not has_base:
         return deltas[0].to(base.dtype)

@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 SLERP_DOT_THRESHOLD = 0.9995
 
 
-def _work_dtype(x: Tensor) -> torch.dtype:
+def work_dtype(x: Tensor) -> torch.dtype:
     """mergekit's linear/slerp accumulate in float32 unless the inputs are float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -32,7 +32,7 @@ def linear(base: Tensor, deltas: Tensor, *, weight: PerSource = 1.0, normalize: 
     only when the weights sum to ~0 with normalize on: mergekit divides (inf/NaN), here
     the sum is left undivided as task arithmetic does.
     """
-    work = _work_dtype(base)
+    work = work_dtype(base)
     b = base.to(work)
     out = torch.zeros_like(b)
     for i in range(deltas.shape[0]):
@@ -50,7 +50,7 @@ def slerp(base: Tensor, deltas: Tensor, *, t: float = 0.5) -> Tensor:
     ``SLERP_DOT_THRESHOLD`` (0.9995: nearly parallel or antiparallel) it falls back to lerp.
     mergekit requires t; the default here is 0.5.
     """
-    work = _work_dtype(base)
+    work = work_dtype(base)
     a = base.reshape(-1).to(work)
     b = a + deltas[0].reshape(-1).to(work)
     norm_a = torch.linalg.vector_norm(a)
@@ -75,7 +75,7 @@ def model_stock(base: Tensor, deltas: Tensor, *, filter_wise: bool = False) -> T
     t * mean(sources) + (1 - t) * base, and the base where 1 + (N-1) cos ~ 0.
     mergekit default: filter_wise=false.
     """
-    work = _work_dtype(base)
+    work = work_dtype(base)
     w0 = base.to(work)
     offsets = deltas.to(work)
     if filter_wise:
