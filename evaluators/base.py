@@ -173,6 +173,7 @@ class ObjectiveSet:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         measurements: dict[str, float] = {}
         per_item: dict[str, list[float]] = {}
+        doc_ids: dict[str, list[int]] = {}
         self.last_timings = {}
         by_key = None
         if items is not None:
@@ -188,17 +189,15 @@ class ObjectiveSet:
             t0 = time.perf_counter()
             measurements.update(ev(model, split) if by_key is None else ev(model, split, items=by_key[kind]))
             per_item.update(getattr(ev, "last_items", None) or {})
+            doc_ids.update(getattr(ev, "last_doc_ids", None) or {})
             self.last_timings[kind] = time.perf_counter() - t0
         self.last_items = {}
         self.last_doc_ids = {}
-        doc_ids: dict[str, list[int]] = {}
-        for kind, ev in self.evaluators.items():
-            doc_ids.update(getattr(ev, "last_doc_ids", None) or {})
         for o in self.objectives:
             terms = self._terms[o.name][1]
             if len(terms) == 1 and terms[0].weight == 1.0 and terms[0].key in per_item:
                 self.last_items[o.name] = per_item[terms[0].key]
-            if items is not None and len(terms) == 1 and terms[0].key in doc_ids:
+            if items is not None and o.name in items and len(terms) == 1 and terms[0].key in doc_ids:
                 self.last_doc_ids[o.name] = doc_ids[terms[0].key]
         names = [o.name for o in self.objectives if items is None or o.name in items]
         return {n: combine(self._terms[n][1], measurements) for n in names}

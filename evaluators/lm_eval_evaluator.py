@@ -404,15 +404,15 @@ class LmEvalEvaluator:
         key = _prepared_key(run.spec, lm)
         if key is None:
             return None
-        prepared = self._prepared.get(key)
+        prepared = self._prepared.pop(key, None)  # re-inserted below: the oldest entry is the least recently used
         if prepared is None:
             prepared = _build_prepared(run.loaded, run.spec.apply_chat_template, lm, key, code_execution_allowed())
             if prepared is None:
                 return None
             self.prepared_builds += 1
-            if len(self._prepared) >= 32:  # many wrapper settings (e.g. model configs): drop the oldest
+            if len(self._prepared) >= 32:  # many wrapper settings (e.g. model configs): drop the least recently used
                 self._prepared.pop(next(iter(self._prepared)))
-            self._prepared[key] = prepared
+        self._prepared[key] = prepared
         return prepared
 
     # -- scoring (every candidate) ---------------------------------------------------

@@ -74,7 +74,8 @@ def choose_member(view: RunView, *, eval_id: str | None = None, best: str | None
             raise ExportError(f"--id {eval_id}: that evaluation failed ({ev.error or 'no recipe'}); pick another id")
         if not ev.measured:
             n = (ev.screen or {}).get("n_items")
-            raise ExportError(f"--id {eval_id}: its scores are estimates from a {n}-item screen, never measured on "
+            screen = f"a {n}-item screen" if n else "a screen"
+            raise ExportError(f"--id {eval_id}: its scores are estimates from {screen}, never measured on "
                               f"every item; export a front member (`evomerge status {view.path}`) or one scored in "
                               f"full")
         return ev

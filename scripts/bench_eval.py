@@ -217,9 +217,6 @@ def main() -> None:
         datasets.disable_progress_bars()
     except Exception:  # noqa: BLE001
         pass
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         if args.case in ("demo", "all"):

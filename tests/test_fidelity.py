@@ -139,3 +139,22 @@ def test_a_promoted_candidates_full_result_is_its_screen_plus_the_rest_in_item_o
     assert full["scores"] == {"x": 4 / 8} and full["status"] == "ok" and full["timings"] == {"eval_s": 1}
     short = s.with_screen({**rest, "items": {"x": [0.0]}}, screen, rest_items)
     assert short["status"] == "failed" and "1 per-item values for the 5 unscreened items of x" in short["error"]
+
+
+def test_an_irt_calibration_on_non_binary_item_values_is_a_one_line_config_error(tmp_path) -> None:
+    from evomerge.records import EvaluationRecord, ReferenceRecord, Status
+
+    raw = _cfg(fidelity={"screen_items": 3}, estimator="irt", irt={"calibration": 2})
+    raw["objectives"][0]["limit"] = 8
+    from evomerge.rundir import RunDir
+    from evomerge.search.screening import Screener
+
+    screener = Screener(parse_config(raw), RunDir(tmp_path))
+    binary = {"x": [1.0, 0.0] * 4}
+    records = [ReferenceRecord(label="uniform", recipe=None, status=Status.OK, items=binary),
+               EvaluationRecord(id="e0", index=0, asked=1, recipe={}, status=Status.OK, items=binary),
+               EvaluationRecord(id="e1", index=1, asked=2, recipe={}, status=Status.OK, items={"x": [0.5] * 8})]
+    with pytest.raises(ConfigError) as err:
+        screener.calibrate(records)
+    assert "evaluation.estimator: irt models right/wrong answers" in str(err.value) and "\n" not in str(err.value)
+    assert screener.irt is None and not (tmp_path / "irt.json").exists()

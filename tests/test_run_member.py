@@ -179,6 +179,18 @@ def test_knee_follows_evaluations_logged_after_front_json(run):
     assert member_folder(f"{run}#knee") == Path(run) / "members" / "e000005"
 
 
+def test_a_screen_estimate_logged_after_front_json_is_not_a_front_member(run):
+    # the same dominating scores, but only estimated from a screen: the front is of measurements only
+    from evomerge.records import Fidelity
+
+    rec = EvaluationRecord(id="e000005", index=5, asked=6, recipe=_record(run, "e000003")["recipe"],
+                           status=Status.OK, scores={"add": 0.95, "ppl": 2.0}, losses=[-0.95, 2.0],
+                           fidelity=Fidelity.SCREEN, screen={"n_items": 8, "promoted": False})
+    RunDir(run).append(rec)
+    assert member_folder(f"{run}#knee") != Path(run) / "members" / "e000005"
+    assert member_folder(f"{run}#mean") == Path(run) / "members" / "e000003"
+
+
 def test_a_second_resolve_reuses_the_folder_without_merging(run, merges):
     first = resolve_source(f"{run}#e000001")
     weights = first.path / "model.safetensors"

@@ -24,8 +24,6 @@ from evomerge.merge.layer_stack import FOLD_TENSOR, LayerStack
 
 __all__ = ["has_scale_parameters", "is_layer_stack_yaml", "stack_from_mergekit_yaml", "stack_to_mergekit_yaml"]
 
-#: the mergekit filters that select the folded tensors (substring match on the tensor name)
-
 
 def _yaml_float(x: float) -> str:
     """``repr`` (exact round trip), spelled so YAML 1.1 readers (PyYAML, mergekit) see a float."""

@@ -108,7 +108,7 @@ def _last(evaluations: list[EvaluationRecord], eval_id: str) -> EvaluationRecord
 
 
 def _scored(e: EvaluationRecord, names: list[str]) -> bool:
-    return e.ok and all(isinstance(e.scores.get(n), (int, float)) and math.isfinite(e.scores[n]) for n in names)
+    return e.ok and e.measured and all(isinstance(e.scores.get(n), (int, float)) and math.isfinite(e.scores[n]) for n in names)
 
 
 def _chosen_id(ref: str, run: Path, evaluations: list[EvaluationRecord], selector: str) -> str:

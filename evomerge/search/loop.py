@@ -244,7 +244,6 @@ class Search:
                                             f"{', '.join(missing)}; the evaluator must report per-item results"))
             return
         timings = dict(result.get("timings") or {})
-        self.busy_s += float(timings.get("merge_s", 0.0)) + float(timings.get("eval_s", 0.0))
         estimates = self.screener.estimate(values, seed=job.asked.index)
         front = {i: self.records_by_id[i].scores for i in self.archive.front()}
         probability = self.screener.entry_probability(estimates, front, self.directions)
@@ -255,6 +254,8 @@ class Search:
         summary["doc_ids"] = result.get("doc_ids") or {}  # lm-eval's ids: `lm_eval --samples` reproduces the screen
         summary["reuse"] = self.screener.reusable(result.get("scores") or {}, values)
         if promoted:  # logged before the full job goes out: a crash now resumes with the full evaluation
+            # the screen's actor time (an estimate's is counted by _finish, with its record)
+            self.busy_s += float(timings.get("merge_s", 0.0)) + float(timings.get("eval_s", 0.0))
             self.run.append(ScreenRecord(id=job.id, index=job.asked.index, screen=summary, finished_at=time.time()))
             self.screens[job.id] = summary
             full = Job(Kind.EVALUATION, job.id, job.recipe, asked=job.asked, key=job.key, asked_at=job.asked_at)
@@ -331,7 +332,8 @@ class Search:
         if job.stage == "rest" and ev.result["status"] == Status.OK.value:
             assert self.screener is not None
             ev.result = self.screener.with_screen(ev.result, self.screens[job.id], job.items or {})
-        self._finish(job, ev.result)
+        # a screen that failed is logged as one: it never was a full evaluation
+        self._finish(job, ev.result, fidelity=Fidelity.SCREEN if job.stage == "screen" else None)
 
     def _search_loop(self, progress: Any) -> None:
         assert self.pool is not None

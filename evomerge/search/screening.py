@@ -25,7 +25,7 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.records import EvaluationRecord, Record, ReferenceRecord, Status
 from evomerge.rundir import RunDir
-from evomerge.search.fidelity import Estimate, entry_probability, subset_estimate
+from evomerge.search.fidelity import Estimate, entry_probability, is_binary, subset_estimate
 
 log = logging.getLogger("evomerge.search")
 
@@ -172,6 +172,10 @@ class Screener:
             return False
         refs = [r for r in records if isinstance(r, ReferenceRecord) and r.ok and r.items]
         rows = [r.items for r in refs] + [r.items for r in measured[:n]]
+        for name in self.objectives:  # a 2PL model is of right/wrong answers: say so, not a numpy error
+            if not all(is_binary(row.get(name) or [0.0]) for row in rows):
+                raise ConfigError(f"config field evaluation.estimator: irt models right/wrong answers, and objective "
+                                  f"{name!r} gives per-item values other than 0 and 1; use estimator: subset")
         data = fit_irt(rows, self.objectives, self.k)  # type: ignore[arg-type]
         data["calibrated_on"] = [r.label for r in refs] + [r.id for r in measured[:n]]
         self.run.save_irt(data)
