@@ -27,7 +27,6 @@ scale``, output cast to ``out_dtype``), which is what the stack's YAML asks for.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError, RecipeError, SourceError
 from evomerge.fileio import fsync_dir
-from evomerge.merge.dtypes import FLOATS, ITEMSIZE, output_dtype
+from evomerge.merge.dtypes import FLOATS, output_dtype
 from evomerge.merge.path_recipe import PathRecipe, PositiveScale
 from evomerge.merge.recipe import RecipeModel
 
@@ -305,11 +304,8 @@ def write_stack(stack: LayerStack, out_dir: str | Path, *, max_shard_size: str |
             tok, list(srcs.values()), revision)
         _check_out_dir(out, SimpleNamespace(models=list(srcs.values()), tokenizer_path=tok_path))
 
-        entries = []
-        for out_n, m, n, _ in plan:
-            src_dtype = srcs[m].dtype(n)
-            out_dt = out_name if src_dtype in FLOATS else src_dtype
-            entries.append((out_n, out_dt, srcs[m].shape(n), math.prod(srcs[m].shape(n)) * ITEMSIZE[out_dt]))
+        entries = [(out_n, out_name if srcs[m].dtype(n) in FLOATS else srcs[m].dtype(n), srcs[m].shape(n))
+                   for out_n, m, n, _ in plan]
         by_out = {p[0]: p for p in plan}
 
         def tensor_for(n: str) -> "torch.Tensor":

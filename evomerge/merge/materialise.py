@@ -14,6 +14,7 @@ layer stacks of data-flow merges (``layer_stack.py``). Recipe files are read by
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -147,20 +148,20 @@ def _tensor_bytes(t: "torch.Tensor") -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def write_shards(out: Path, entries: Sequence[tuple[str, str, Sequence[int], int]], max_shard_bytes: int,
+def write_shards(out: Path, entries: Sequence[tuple[str, str, Sequence[int]]], max_shard_bytes: int,
                  tensor_for: Callable[[str], "torch.Tensor"]) -> None:
     """The safetensors weights of a folder: ``model.safetensors``, or shards and their index.
 
-    ``entries``: (name, dtype name, shape, byte size) of each tensor, in file order; shards are
-    planned from the sizes up front (:func:`_plan_shards`, at most ``max_shard_bytes`` each
+    ``entries``: (name, dtype name, shape) of each tensor, in file order; shards are planned from
+    their byte sizes up front (:func:`_plan_shards`, at most ``max_shard_bytes`` each
     unless one tensor is larger). ``tensor_for(name)`` gives each tensor (already in its output
     dtype) when its turn comes, under ``torch.no_grad``, so memory stays at about one tensor.
     Earlier weights in ``out`` are removed first; each file is written atomically.
     """
     import torch
 
-    sizes = [(name, nbytes) for name, _, _, nbytes in entries]
-    meta = {name: (dtype, shape) for name, dtype, shape, _ in entries}
+    sizes = [(name, math.prod(shape) * ITEMSIZE[dtype]) for name, dtype, shape in entries]
+    meta = {name: (dtype, shape) for name, dtype, shape in entries}
     shards = _plan_shards(sizes, max_shard_bytes)
     files = (["model.safetensors"] if len(shards) == 1
              else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
@@ -214,12 +215,7 @@ def stream_merge(recipe: MergeRecipe, model_set: "ModelSet", out: Path, *, max_s
     srcs = [model_set.sources[i] for i in idx]
     names = model_set.tensor_names
     dtypes = {n: (out_name if ref.dtype(n) in FLOATS else ref.dtype(n)) for n in names}
-    entries = []
-    for n in names:
-        numel = 1
-        for s in ref.shape(n):
-            numel *= s
-        entries.append((n, dtypes[n], ref.shape(n), numel * ITEMSIZE[dtypes[n]]))
+    entries = [(n, dtypes[n], ref.shape(n)) for n in names]
     plans: dict[str, GroupPlan] = {}
 
     def tensor_for(n: str) -> "torch.Tensor":
